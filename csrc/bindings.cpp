@@ -1,0 +1,24 @@
+// Operator schemas of guidg_fast._C, declared once. CPU kernels register in csrc/cpu, CUDA kernels
+// in csrc/cuda; fake (meta) and autograd formulas are registered from Python (guidg_fast/ops).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing guidg_fast._C loads this library, which runs the TORCH_LIBRARY registrations below.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "guidg_fast C++/CUDA kernels", -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+#ifdef GUIDG_FAST_WITH_CUDA
+  PyModule_AddIntConstant(module, "WITH_CUDA", 1);
+#else
+  PyModule_AddIntConstant(module, "WITH_CUDA", 0);
+#endif
+  return module;
+}
+}
+
+TORCH_LIBRARY(guidg_fast, m) {
+  // In place: averaged[i] <- (averaged[i] + r * tensors[i]) / (1 + r) for every i, one call.
+  m.def("bma_update_(Tensor(a!)[] averaged_tensors, Tensor[] tensors, float relative_weight) -> ()");
+}

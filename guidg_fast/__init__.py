@@ -1,0 +1,26 @@
+"""guidg-fast: fused-kernel engine for GuiDG training and inference.
+
+Public API (names are a contract; see DESIGN.md):
+    load_clip, ExpertPromptLearner, encode_expert_prompts, CrossModalAttention,
+    BetaMovingAverage, wise_ft, ops.<fused ops>, reference.<eager oracle>
+"""
+__version__ = "0.1.0"
+
+from . import ops, reference
+from .attention import CrossModalAttention
+from .averaging import BetaMovingAverage, wise_ft
+from .backbone import TINY_ARCH, load_clip
+from .prompts import ExpertPromptLearner
+from .text import encode_expert_prompts
+
+__all__ = [
+    "BetaMovingAverage",
+    "CrossModalAttention",
+    "ExpertPromptLearner",
+    "TINY_ARCH",
+    "encode_expert_prompts",
+    "load_clip",
+    "ops",
+    "reference",
+    "wise_ft",
+]

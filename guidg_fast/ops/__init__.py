@@ -1,0 +1,19 @@
+"""Fused ops of GuiDG. Each op picks its backend per call (see ``_backend``)."""
+from ._backend import BACKENDS, choose, describe, extension_status, use_backend
+from .bma_update import bma_update_
+from .cmattn import cross_modal_attention
+from .ensemble_logits import ensemble_logits
+from .multi_expert_loss import multi_expert_loss
+
+
+__all__ = [
+    "BACKENDS",
+    "bma_update_",
+    "choose",
+    "cross_modal_attention",
+    "describe",
+    "ensemble_logits",
+    "extension_status",
+    "multi_expert_loss",
+    "use_backend",
+]

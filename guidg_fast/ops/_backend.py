@@ -1,0 +1,186 @@
+"""Backend choice for the fused ops: Triton (CUDA, or CPU under TRITON_INTERPRET=1), the C++/CUDA
+extension guidg_fast._C, or the eager reference.
+
+Default order: CUDA tensors -> triton, ext, eager; CPU tensors -> ext, eager. The choice is explicit
+and overridable with GUIDG_FAST_BACKEND=triton|ext|eager (or ``use_backend``); a forced backend
+that cannot run an op raises instead of silently falling back.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+BACKENDS = ("triton", "ext", "eager")
+_forced: str | None = None
+_extension = None
+_extension_error: str | None = None
+_extension_loaded = False
+_warned: set = set()
+
+
+def _warn_once(key, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def load_extension():
+    """guidg_fast._C, or None (with a one-time warning) when it was not built."""
+    global _extension, _extension_error, _extension_loaded
+    if not _extension_loaded:
+        _extension_loaded = True
+        try:
+            from .. import _C
+
+            _extension = _C
+        except ImportError as exc:
+            _extension_error = str(exc)
+            _warn_once(
+                "no-extension",
+                f"guidg_fast._C is not built ({exc}); ops fall back to Triton or the eager reference. "
+                "Reinstall with `pip install --no-build-isolation .` to build the C++/CUDA kernels.",
+            )
+    return _extension
+
+
+def extension_status() -> dict:
+    ext = load_extension()
+    return {
+        "built": ext is not None,
+        "with_cuda": bool(ext is not None and getattr(ext, "WITH_CUDA", 0)),
+        "error": _extension_error,
+    }
+
+
+def ext_has_kernels(op_names, device_type: str) -> bool:
+    if load_extension() is None:
+        return False
+    key = "CUDA" if device_type == "cuda" else "CPU"
+    for name in op_names:
+        qualified = f"guidg_fast::{name}"
+        try:
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(qualified, key):
+                return False
+        except RuntimeError:
+            return False
+    return True
+
+
+def triton_runnable(device_type: str) -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    if device_type == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass
+class OpSpec:
+    name: str
+    ext_ops: tuple = ()  # C++ operators this op needs from guidg_fast._C (empty: no ext kernel yet)
+    triton: bool = False  # has Triton kernels in guidg_fast.kernels
+    notes: dict = field(default_factory=dict)
+
+
+REGISTRY: dict[str, OpSpec] = {}
+
+
+def register(spec: OpSpec) -> OpSpec:
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def available(name: str, device_type: str) -> list[str]:
+    spec = REGISTRY[name]
+    found = []
+    if spec.triton and triton_runnable(device_type):
+        found.append("triton")
+    if spec.ext_ops and ext_has_kernels(spec.ext_ops, device_type):
+        found.append("ext")
+    found.append("eager")
+    return found
+
+
+def forced_backend() -> str | None:
+    value = _forced or os.environ.get("GUIDG_FAST_BACKEND", "").strip().lower() or None
+    if value is not None and value not in BACKENDS:
+        raise ValueError(f"GUIDG_FAST_BACKEND must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+def _why_not(spec: OpSpec, backend: str, device_type: str) -> str:
+    if backend == "triton":
+        if not spec.triton:
+            return "it has no Triton kernel"
+        if device_type != "cuda":
+            return "Triton runs on CPU tensors only with TRITON_INTERPRET=1"
+        return "triton is not installed"
+    if not spec.ext_ops:
+        return "it has no C++/CUDA kernel"
+    status = extension_status()
+    if not status["built"]:
+        return f"guidg_fast._C is not built ({status['error']})"
+    if device_type == "cuda" and not status["with_cuda"]:
+        return "guidg_fast._C was built without CUDA"
+    return f"guidg_fast._C has no {device_type} kernel for it"
+
+
+def choose(name: str, device: torch.device) -> str:
+    """The backend that runs op ``name`` on ``device``."""
+    spec = REGISTRY[name]
+    device_type = torch.device(device).type
+    avail = available(name, device_type)
+    forced = forced_backend()
+    if forced is not None:
+        if forced not in avail:
+            raise RuntimeError(
+                f"backend {forced!r} was forced (GUIDG_FAST_BACKEND / use_backend) but cannot run {name} on "
+                f"{device_type}: {_why_not(spec, forced, device_type)}"
+            )
+        return forced
+    order = ("triton", "ext", "eager") if device_type == "cuda" else ("ext", "eager")
+    for backend in order:
+        if backend in avail:
+            if backend == "eager" and (spec.ext_ops or spec.triton):
+                _warn_once(
+                    (name, device_type),
+                    f"{name} falls back to the eager reference on {device_type}: "
+                    f"{_why_not(spec, 'ext', device_type)}",
+                )
+            return backend
+    return "eager"
+
+
+def describe(name: str, device_type: str) -> str:
+    """What ``info`` prints: the backend used by default, without needing such a device."""
+    spec = REGISTRY[name]
+    if device_type == "cuda":
+        if spec.triton and triton_runnable("cuda"):
+            return "triton"
+        status = extension_status()
+        if spec.ext_ops and status["built"] and status["with_cuda"] and ext_has_kernels(spec.ext_ops, "cuda"):
+            return "ext"
+    elif spec.ext_ops and ext_has_kernels(spec.ext_ops, "cpu"):
+        return "ext"
+    if not spec.ext_ops and not spec.triton:
+        return "eager (no fused kernel yet)"
+    return "eager (fallback)"
+
+
+@contextlib.contextmanager
+def use_backend(backend: str | None):
+    """Force one backend for the ops called inside the block (None: automatic choice)."""
+    global _forced
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    previous, _forced = _forced, backend
+    try:
+        yield
+    finally:
+        _forced = previous
