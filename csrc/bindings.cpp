@@ -18,7 +18,19 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 }
 
+// One block per op, in the order of DESIGN.md; keep a blank line between blocks.
 TORCH_LIBRARY(guidg_fast, m) {
+  // --- bma_update_ ---
   // In place: averaged[i] <- (averaged[i] + r * tensors[i]) / (1 + r) for every i, one call.
   m.def("bma_update_(Tensor(a!)[] averaged_tensors, Tensor[] tensors, float relative_weight) -> ()");
+
+  // --- cmattn ---
+
+  // --- multi_expert_loss ---
+
+  // --- ensemble_logits ---
+
+  // --- prefix_attention ---
+
+  // --- eot_project ---
 }

@@ -1,0 +1,1 @@
+"""Benchmarks of guidg-fast against the eager reference (``python -m bench``)."""

@@ -1,0 +1,1 @@
+"""One module per bench entry, each defining ``ENTRY`` (see bench.harness)."""

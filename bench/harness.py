@@ -1,0 +1,193 @@
+"""Benchmark harness: every entry is timed fast vs reference in one run, with parity and memory.
+
+An entry module in ``bench/entries/`` defines ``ENTRY = Entry(...)``:
+  name      the op / workload name (one name across layers: cmattn, multi_expert_loss, ...)
+  cases     cases(quick: bool) -> list of dicts (shapes); quick mode must stay small
+  make      make(case, provider, device) -> a zero-argument callable that runs the whole measured
+            work (e.g. forward + backward) and returns a tuple of tensors (outputs, gradients) that
+            are compared between providers for the parity figure
+  work      work(case) -> {"flops": float} and/or {"bytes": float} moved per call
+  backend   backend(case, device) -> the backend name the fast provider runs (e.g. ops.choose(...))
+Providers are "reference" (guidg_fast.reference, official loop structure) and "fast".
+"""
+from __future__ import annotations
+
+import gc
+import importlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+PROVIDERS = ("reference", "fast")
+
+
+@dataclass
+class Entry:
+    name: str
+    cases: Callable[[bool], list]
+    make: Callable[[dict, str, str], Callable[[], tuple]]
+    work: Callable[[dict], dict] = field(default=lambda case: {})
+    backend: Callable[[dict, str], str] = field(default=lambda case, device: "?")
+    repeats: int = 10
+    quick_repeats: int = 3
+
+
+def load_entry(name: str) -> Entry:
+    return importlib.import_module(f"bench.entries.{name}").ENTRY
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable, device: str, warmup: int = 1, repeats: int = 10) -> dict:
+    """Median and 20/80% quantiles in milliseconds (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    q = lambda p: times[min(len(times) - 1, int(round(p * (len(times) - 1))))]  # noqa: E731
+    return {"median_ms": statistics.median(times), "q20_ms": q(0.2), "q80_ms": q(0.8), "times_ms": times}
+
+
+def max_rel_err(a: tuple, b: tuple) -> float:
+    worst = 0.0
+    for x, y in zip(a, b):
+        if x is None or y is None:
+            continue
+        x, y = x.detach().double().cpu(), y.detach().double().cpu()
+        scale = max(float(y.abs().max()), 1e-6) if y.numel() else 1.0
+        worst = max(worst, float((x - y).abs().max()) / scale if y.numel() else 0.0)
+    return worst
+
+
+def _maxrss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_memory_child(entry_name: str, case: dict, provider: str, device: str) -> int:
+    """Extra peak memory (bytes) of one call, measured in this process (run it in a fresh one)."""
+    entry = load_entry(entry_name)
+    fn = entry.make(case, provider, device)
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    base = _maxrss_bytes()
+    fn()
+    return max(0, _maxrss_bytes() - base)
+
+
+def peak_memory(entry_name: str, case: dict, provider: str, device: str) -> int | None:
+    """Runs ``peak_memory_child`` in a fresh interpreter so earlier allocations do not hide the peak."""
+    code = (
+        "import json,sys; from bench.harness import peak_memory_child; "
+        "a=json.loads(sys.argv[1]); print(peak_memory_child(a['e'], a['c'], a['p'], a['d']))"
+    )
+    args = json.dumps({"e": entry_name, "c": case, "p": provider, "d": device})
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", code, args], capture_output=True, text=True, cwd=root, timeout=1800,
+        env={**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")},
+    )
+    if proc.returncode != 0:
+        print(f"  [memory] {entry_name} {provider}: measurement failed: {proc.stderr.strip()[-300:]}", file=sys.stderr)
+        return None
+    return int(proc.stdout.strip().splitlines()[-1])
+
+
+def machine_rates(device: str, quick: bool) -> dict:
+    """The machine's own fp32 GEMM rate (GFLOP/s) and copy bandwidth (GB/s), measured now."""
+    n = 1024 if quick else 2048
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    gemm = time_fn(lambda: a @ b, device, warmup=2, repeats=5 if quick else 10)
+    src = torch.randn(32 * 1024 * 1024 // 4 * (1 if quick else 4), device=device)
+    dst = torch.empty_like(src)
+    copy = time_fn(lambda: dst.copy_(src), device, warmup=2, repeats=5 if quick else 10)
+    return {
+        "gemm_gflops": 2 * n**3 / (gemm["median_ms"] * 1e-3) / 1e9,
+        "copy_gbps": 2 * src.numel() * 4 / (copy["median_ms"] * 1e-3) / 1e9,
+        "gemm_n": n,
+    }
+
+
+def run_entry(entry: Entry, device: str, quick: bool, measure_memory: bool = True, log=print) -> list[dict]:
+    rows = []
+    for case in entry.cases(quick):
+        row = {"entry": entry.name, "case": case, "device": device, "backend": entry.backend(case, device)}
+        outputs = {}
+        for provider in PROVIDERS:
+            fn = entry.make(case, provider, device)
+            outputs[provider] = fn()
+            timing = time_fn(fn, device, warmup=1, repeats=entry.quick_repeats if quick else entry.repeats)
+            row[provider] = timing
+            del fn
+            gc.collect()
+            if measure_memory:
+                row[provider]["peak_bytes"] = peak_memory(entry.name, case, provider, device)
+        row["speedup"] = row["reference"]["median_ms"] / row["fast"]["median_ms"]
+        row["parity_max_rel_err"] = max_rel_err(outputs["fast"], outputs["reference"])
+        work = entry.work(case)
+        for key, unit, scale in (("flops", "gflops", 1e9), ("bytes", "gbps", 1e9)):
+            if key in work:
+                for provider in PROVIDERS:
+                    row[provider][unit] = work[key] / (row[provider]["median_ms"] * 1e-3) / scale
+        ref_mem, fast_mem = row["reference"].get("peak_bytes"), row["fast"].get("peak_bytes")
+        if ref_mem and fast_mem:
+            row["memory_ratio"] = ref_mem / max(fast_mem, 1)
+        log(
+            f"  {entry.name} {case}: reference {row['reference']['median_ms']:.2f} ms, fast "
+            f"{row['fast']['median_ms']:.2f} ms ({row['backend']}), speedup {row['speedup']:.2f}x, "
+            f"parity {row['parity_max_rel_err']:.1e}"
+        )
+        rows.append(row)
+    return rows
+
+
+def machine_info(device: str) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
