@@ -40,8 +40,11 @@ class Entry:
     quick_repeats: int = 3
 
 
+_PACKAGE = __package__ or "bench"  # "bench" in a checkout, "guidg_fast.bench" when installed
+
+
 def load_entry(name: str) -> Entry:
-    return importlib.import_module(f"bench.entries.{name}").ENTRY
+    return importlib.import_module(f"{_PACKAGE}.entries.{name}").ENTRY
 
 
 def _sync(device: str) -> None:
@@ -109,7 +112,7 @@ def peak_memory_child(entry_name: str, case: dict, provider: str, device: str) -
 def peak_memory(entry_name: str, case: dict, provider: str, device: str) -> int | None:
     """Runs ``peak_memory_child`` in a fresh interpreter so earlier allocations do not hide the peak."""
     code = (
-        "import json,sys; from bench.harness import peak_memory_child; "
+        f"import json,sys; from {_PACKAGE}.harness import peak_memory_child; "
         "a=json.loads(sys.argv[1]); print(peak_memory_child(a['e'], a['c'], a['p'], a['d']))"
     )
     args = json.dumps({"e": entry_name, "c": case, "p": provider, "d": device})

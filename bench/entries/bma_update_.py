@@ -1,7 +1,7 @@
 """bma_update_ over the parameters of a ViT-B-16 vision tower (152 tensors, ~86M values)."""
 import torch
 
-from bench.harness import Entry
+from ..harness import Entry
 from guidg_fast import ops, reference
 
 

@@ -1,0 +1,492 @@
+"""GuiDG: the high-level trainer. Step 1 trains all K experts in one run; step 2 fine-tunes the vision
+encoder under expert guidance; evaluation reports per-domain accuracy. It adds no math of its own:
+every computation goes through guidg_fast's ops and encoders.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops, reference
+from ..attention import CrossModalAttention
+from ..averaging import BetaMovingAverage, wise_ft
+from ..backbone import load_clip
+from ..prompts import ExpertPromptLearner
+from ..text import encode_expert_prompts
+from . import checkpoint
+
+BASELINES = {
+    # margin: CLIPood margin metric softmax; entropy_weight: UEO term; bma: beta moving average of the
+    # vision encoder; wise_alpha: WiSE-FT blend with the pretrained encoder after training
+    "clipood": {"margin": 0.3, "entropy_weight": 0.0, "bma": True, "wise_alpha": None},
+    "erm": {"margin": 0.0, "entropy_weight": 0.0, "bma": False, "wise_alpha": 0.5},
+    "ueo": {"margin": 0.0, "entropy_weight": 0.01, "bma": False, "wise_alpha": 0.5},
+}
+WEIGHT_MODES = ("batch", "sample")
+
+
+def _seeded_generator(*parts: int) -> torch.Generator:
+    seed = 0
+    for p in parts:
+        seed = (seed * 1_000_003 + int(p)) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def epoch_batch_indices(n: int, batch: int, step: int, seed: int, stream: int) -> torch.Tensor:
+    """Indices of batch ``step`` from a dataset of n items, reshuffled each epoch.
+
+    A pure function of (seed, stream, step): training can resume at any step and see the same batches.
+    """
+    per_epoch = max(1, math.ceil(n / batch))
+    epoch, pos = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=_seeded_generator(seed, stream, epoch))
+    idx = perm[pos * batch : (pos + 1) * batch]
+    if idx.numel() < batch:  # the last batch of an epoch wraps around to stay full
+        idx = torch.cat([idx, perm[: batch - idx.numel()]])
+    return idx
+
+
+def _classnames_of(dataset) -> list | None:
+    names = getattr(dataset, "classnames", None)
+    if names is None and hasattr(dataset, "dataset"):  # torch Subset
+        names = getattr(dataset.dataset, "classnames", None)
+    return list(names) if names is not None else None
+
+
+def _stack_items(dataset, indices) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = [], []
+    for i in indices.tolist() if isinstance(indices, torch.Tensor) else indices:
+        x, y = dataset[i]
+        images.append(x)
+        labels.append(int(y))
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+
+
+class GuiDG:
+    """GuiDG on an open_clip backbone: ``fit_experts`` (step 1), ``finetune`` (step 2), ``evaluate``."""
+
+    def __init__(
+        self,
+        arch: str = "ViT-B-16",
+        pretrained: str | None = None,
+        classnames: Sequence[str] | None = None,
+        domains: Sequence[str] | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        n_ctx: int = 16,
+        ctx_init: str | None = None,
+        class_token_position: str = "end",
+        class_specific: bool = False,
+        num_heads: int = 4,
+        metric: str = "cosine",
+        baseline: str = "clipood",
+        weight_mode: str = "batch",
+        seed: int = 0,
+    ):
+        if not classnames:
+            raise ValueError("classnames must be a non-empty list of class names")
+        if not domains or isinstance(domains, str):
+            raise ValueError("domains must be a non-empty list of source-domain names (one expert each)")
+        if len(set(domains)) != len(domains):
+            raise ValueError(f"domains must be unique, got {list(domains)}")
+        if baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {sorted(BASELINES)}, got {baseline!r}")
+        if weight_mode not in WEIGHT_MODES:
+            raise ValueError(f"weight_mode must be one of {WEIGHT_MODES}, got {weight_mode!r}")
+        self.config = {
+            "arch": arch,
+            "pretrained": None if pretrained is None else str(pretrained),
+            "classnames": list(classnames),
+            "domains": list(domains),
+            "n_ctx": n_ctx,
+            "ctx_init": ctx_init,
+            "class_token_position": class_token_position,
+            "class_specific": class_specific,
+            "num_heads": num_heads,
+            "metric": metric,
+            "baseline": baseline,
+            "weight_mode": weight_mode,
+            "seed": seed,
+        }
+        self.device = torch.device(device)
+        torch.manual_seed(seed)
+        self.model, self.preprocess, self.tokenizer = load_clip(arch, pretrained, self.device)
+        self.model.requires_grad_(False)
+        self.learner = ExpertPromptLearner(
+            self.model, self.tokenizer, classnames, num_experts=len(domains), n_ctx=n_ctx, ctx_init=ctx_init,
+            class_token_position=class_token_position, class_specific=class_specific,
+        ).to(self.device)
+        dim = int(self.model.visual.output_dim)
+        self.attn = CrossModalAttention(dim, len(classnames), num_heads=num_heads, metric=metric).to(self.device)
+        self.temperature = float(self.model.logit_scale.detach().exp())
+        self._pretrained_visual = {k: v.detach().clone() for k, v in self.model.visual.state_dict().items()}
+        self.eval_visual = self.model.visual  # replaced by the BMA / WiSE-FT encoder after step 2
+        self.expert_features: torch.Tensor | None = None
+        self.history: dict = {"step1": [], "step2": []}
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def classnames(self) -> list:
+        return self.config["classnames"]
+
+    @property
+    def domains(self) -> list:
+        return self.config["domains"]
+
+    def _check_datasets(self, datasets: Mapping, what: str, need_all_domains: bool) -> None:
+        if not isinstance(datasets, Mapping) or not datasets:
+            raise ValueError(f"{what} must be a non-empty dict domain -> dataset")
+        if need_all_domains and set(datasets) != set(self.domains):
+            raise ValueError(
+                f"{what} must hold exactly the source domains {self.domains} (one expert each), got {sorted(datasets)}"
+            )
+        for name, ds in datasets.items():
+            if len(ds) == 0:
+                raise ValueError(f"{what}[{name!r}] is empty")
+            names = _classnames_of(ds)
+            if names is not None and names != self.classnames:
+                raise ValueError(
+                    f"{what}[{name!r}] has classes {names[:5]}{'...' if len(names) > 5 else ''} "
+                    f"({len(names)}), but this model was built for {self.classnames[:5]}... ({len(self.classnames)})"
+                )
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def encode_images(self, images: torch.Tensor, visual=None) -> torch.Tensor:
+        visual = visual if visual is not None else self.model.visual
+        with self._autocast():
+            f = visual(images.to(self.device))
+        return F.normalize(f.float(), dim=-1)
+
+    @torch.no_grad()
+    def dataset_features(self, dataset, batch_size: int = 64, visual=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen-encoder features of every image of ``dataset`` (one view) and the labels."""
+        feats, labels = [], []
+        for start in range(0, len(dataset), batch_size):
+            x, y = _stack_items(dataset, range(start, min(len(dataset), start + batch_size)))
+            feats.append(self.encode_images(x, visual))
+            labels.append(y)
+        return torch.cat(feats), torch.cat(labels).to(self.device)
+
+    # ------------------------------------------------------------------ step 1
+    def fit_experts(
+        self,
+        datasets: Mapping,
+        *,
+        iterations: int | None = None,
+        epochs: int = 31,
+        batch_size: int = 32,
+        lr: float = 1e-4,
+        momentum: float = 0.0,
+        checkpoint_dir: str | None = None,
+        checkpoint_every: int = 0,
+        resume: str | None = None,
+        progress: bool = False,
+        callback: Callable | None = None,
+    ) -> list:
+        """Step 1: all K experts in one run (official: SGD lr 1e-4, cosine schedule, batch 32).
+
+        The frozen image encoder runs once per image (exact for one un-augmented view); every step is one
+        batched text pass for all experts plus a (B, D) x (D, C) product per expert. The cosine schedule is
+        sized to the steps actually run. Returns the per-step loss history.
+        """
+        self._check_datasets(datasets, "datasets", need_all_domains=True)
+        cached = {d: self.dataset_features(datasets[d]) for d in self.domains}
+        sizes = {d: len(datasets[d]) for d in self.domains}
+        steps = iterations if iterations is not None else epochs * max(math.ceil(n / batch_size) for n in sizes.values())
+        if steps < 1:
+            raise ValueError(f"iterations must be >= 1, got {steps}")
+        optimizer = torch.optim.SGD([self.learner.ctx], lr=lr, momentum=momentum)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        start = 0
+        if resume:
+            state = checkpoint.load_state(resume)
+            if state.get("stage") != "step1":
+                raise ValueError(f"resume={resume!r} is not a step-1 state (stage {state.get('stage')!r})")
+            with torch.no_grad():
+                self.learner.ctx.copy_(state["ctx"].to(self.device))
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            self.history["step1"] = list(state["history"])
+            start = int(state["step"])
+        bar = _progress(range(start, steps), progress, "step 1 (experts)")
+        seed = self.config["seed"]
+        for step in bar:
+            t0 = time.perf_counter()
+            T = encode_expert_prompts(self.model, self.learner)
+            loss = T.new_zeros(())
+            for k, d in enumerate(self.domains):
+                idx = epoch_batch_indices(sizes[d], batch_size, step, seed, stream=k).to(self.device)
+                feats, labels = cached[d]
+                logits = self.temperature * feats[idx] @ T[k].t()
+                loss = loss + F.cross_entropy(logits, labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            value = float(loss.detach()) / len(self.domains)
+            self.history["step1"].append(value)
+            _postfix(bar, value, len(self.domains) * batch_size, time.perf_counter() - t0)
+            if callback:
+                callback("step1", step, value)
+            if checkpoint_dir and checkpoint_every and (step + 1) % checkpoint_every == 0:
+                checkpoint.save_state(
+                    os.path.join(checkpoint_dir, "step1_state.pt"),
+                    {"stage": "step1", "step": step + 1, "ctx": self.learner.ctx.detach().cpu(),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "history": self.history["step1"]},
+                )
+        self.refresh_expert_features()
+        return self.history["step1"]
+
+    @torch.no_grad()
+    def refresh_expert_features(self) -> torch.Tensor:
+        """Freezes the experts: T (K, C, D) used by step 2 and evaluation."""
+        self.expert_features = encode_expert_prompts(self.model, self.learner).detach()
+        return self.expert_features
+
+    # ------------------------------------------------------------------ step 2
+    def _step2_batch(self, datasets: Mapping, names: list, sizes: dict, batch_per_domain: int, step: int):
+        xs, ys = [], []
+        for j, d in enumerate(names):
+            idx = epoch_batch_indices(sizes[d], batch_per_domain, step, self.config["seed"], stream=1000 + j)
+            x, y = _stack_items(datasets[d], idx)
+            xs.append(x)
+            ys.append(y)
+        return torch.cat(xs).to(self.device), torch.cat(ys).to(self.device)
+
+    def step2_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The guided loss of one batch and the expert weights used (all through guidg_fast.ops)."""
+        base = BASELINES[self.config["baseline"]]
+        T = self.expert_features
+        f = self.encode_images(x)
+        w = self.attn(f, T)  # (B, K), CMAttn detaches f and T
+        if self.config["weight_mode"] == "batch":
+            w = w.mean(dim=0)
+        loss = ops.multi_expert_loss(
+            f, T, y, w, self.temperature, margin=base["margin"], entropy_weight=base["entropy_weight"]
+        )
+        return loss, w
+
+    def finetune(
+        self,
+        datasets: Mapping,
+        *,
+        iterations: int | None = None,
+        epochs: int = 10,
+        iters_per_epoch: int = 400,
+        batch_per_domain: int = 12,
+        lr: float = 5e-6,
+        weight_decay: float = 0.1,
+        beta: float = 0.1,
+        wise_alpha: float | None = None,
+        checkpoint_dir: str | None = None,
+        checkpoint_every: int = 0,
+        resume: str | None = None,
+        progress: bool = False,
+        callback: Callable | None = None,
+    ) -> list:
+        """Step 2: fine-tune the vision encoder under the experts' guidance (AdamW + cosine, domain-balanced
+        batches of ``batch_per_domain`` images from every source domain, BMA for clipood, WiSE-FT for erm/ueo).
+        """
+        self._check_datasets(datasets, "datasets", need_all_domains=False)
+        if self.expert_features is None:
+            self.refresh_expert_features()
+        base = BASELINES[self.config["baseline"]]
+        names = sorted(datasets)
+        sizes = {d: len(datasets[d]) for d in names}
+        steps = iterations if iterations is not None else epochs * iters_per_epoch
+        if steps < 1:
+            raise ValueError(f"iterations must be >= 1, got {steps}")
+        visual = self.model.visual
+        visual.requires_grad_(True)
+        params = list(visual.parameters()) + list(self.attn.parameters())
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        bma = BetaMovingAverage(visual, beta=beta, total_steps=steps) if base["bma"] else None
+        start = 0
+        if resume:
+            state = checkpoint.load_state(resume)
+            if state.get("stage") != "step2":
+                raise ValueError(f"resume={resume!r} is not a step-2 state (stage {state.get('stage')!r})")
+            visual.load_state_dict(state["visual"])
+            self.attn.load_state_dict(state["attn"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if bma is not None:
+                bma.load_state_dict(state["bma"])
+            torch.set_rng_state(state["rng"])
+            self.history["step2"] = list(state["history"])
+            start = int(state["step"])
+        bar = _progress(range(start, steps), progress, "step 2 (fine-tune)")
+        visual.train()
+        try:
+            for step in bar:
+                t0 = time.perf_counter()
+                x, y = self._step2_batch(datasets, names, sizes, batch_per_domain, step)
+                loss, w = self.step2_loss(x, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                if bma is not None:
+                    bma.update()
+                value = float(loss.detach())
+                self.history["step2"].append(value)
+                _postfix(bar, value, x.shape[0], time.perf_counter() - t0)
+                if callback:
+                    callback("step2", step, value)
+                if checkpoint_dir and checkpoint_every and (step + 1) % checkpoint_every == 0:
+                    checkpoint.save_state(
+                        os.path.join(checkpoint_dir, "step2_state.pt"),
+                        {"stage": "step2", "step": step + 1, "visual": visual.state_dict(),
+                         "attn": self.attn.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "bma": bma.state_dict() if bma else None,
+                         "rng": torch.get_rng_state(), "history": self.history["step2"]},
+                    )
+        finally:
+            visual.eval()
+            visual.requires_grad_(False)
+        alpha = wise_alpha if wise_alpha is not None else base["wise_alpha"]
+        if bma is not None:
+            self.eval_visual = bma.module
+        elif alpha is not None:
+            import copy
+
+            blended = copy.deepcopy(visual)  # a separate copy: training weights stay as trained
+            blended.load_state_dict(wise_ft(self._pretrained_visual, visual.state_dict(), alpha))
+            self.eval_visual = blended
+        else:
+            self.eval_visual = visual
+        self.eval_visual.eval()
+        return self.history["step2"]
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ensemble logits (B, C) and the batch expert weights (K,) for a batch of images."""
+        if self.expert_features is None:
+            self.refresh_expert_features()
+        f = self.encode_images(images, self.eval_visual)
+        w = self.attn(f, self.expert_features).mean(dim=0)
+        return ops.ensemble_logits(f, self.expert_features, w, self.temperature), w
+
+    @torch.no_grad()
+    def evaluate(self, datasets: Mapping, batch_size: int = 64) -> dict:
+        """Top-1 accuracy (%) per domain: the ensemble, each expert alone, and the mean expert weights."""
+        self._check_datasets(datasets, "datasets", need_all_domains=False)
+        if self.expert_features is None:
+            self.refresh_expert_features()
+        T = self.expert_features
+        results = {}
+        for name, ds in datasets.items():
+            correct, per_expert, weights, batches, total = 0, torch.zeros(len(self.domains)), 0.0, 0, 0
+            for start in range(0, len(ds), batch_size):
+                x, y = _stack_items(ds, range(start, min(len(ds), start + batch_size)))
+                y = y.to(self.device)
+                f = self.encode_images(x, self.eval_visual)
+                w = self.attn(f, T).mean(dim=0)
+                logits = ops.ensemble_logits(f, T, w, self.temperature)
+                correct += int((logits.argmax(-1) == y).sum())
+                for k in range(len(self.domains)):
+                    per_expert[k] += int(((f @ T[k].t()).argmax(-1) == y).sum())
+                weights = weights + w.cpu()
+                batches += 1
+                total += y.numel()
+            results[name] = {
+                "ensemble": 100.0 * correct / total,
+                "experts": {d: 100.0 * float(per_expert[k]) / total for k, d in enumerate(self.domains)},
+                "weights": {d: float(weights[k] / batches) for k, d in enumerate(self.domains)},
+                "images": total,
+            }
+        return results
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str) -> None:
+        """config.json + weights.safetensors (experts' contexts, CMAttn, the evaluation vision encoder;
+        the whole backbone too when it was randomly initialised, so loading reproduces predictions)."""
+        tensors = {"learner.ctx": self.learner.ctx}
+        tensors.update({f"attn.{k}": v for k, v in self.attn.state_dict().items()})
+        tensors.update({f"eval_visual.{k}": v for k, v in self.eval_visual.state_dict().items()})
+        if self.config["pretrained"] is None:
+            tensors.update({f"model.{k}": v for k, v in self.model.state_dict().items()})
+        if self.expert_features is not None:
+            tensors["expert_features"] = self.expert_features
+        os.makedirs(directory, exist_ok=True)
+        checkpoint.save_tensors(os.path.join(directory, "weights.safetensors"), tensors)
+        checkpoint.save_json(os.path.join(directory, "config.json"), {"format": "guidg-fast/1", **self.config})
+
+    @classmethod
+    def load(cls, directory: str, device: str | torch.device = "cpu", classnames: Sequence[str] | None = None) -> "GuiDG":
+        config = checkpoint.load_json(os.path.join(directory, "config.json"))
+        if config.get("format") != "guidg-fast/1":
+            raise ValueError(f"{directory!r} is not a guidg-fast checkpoint (format {config.get('format')!r})")
+        if classnames is not None and list(classnames) != config["classnames"]:
+            raise ValueError(
+                f"checkpoint {directory!r} was trained for {len(config['classnames'])} classes "
+                f"{config['classnames'][:5]}..., not the {len(classnames)} classes {list(classnames)[:5]}... given"
+            )
+        kwargs = {k: v for k, v in config.items() if k not in ("format", "arch", "pretrained", "classnames", "domains")}
+        obj = cls(config["arch"], config["pretrained"], config["classnames"], config["domains"], device=device, **kwargs)
+        tensors = checkpoint.load_tensors(os.path.join(directory, "weights.safetensors"), device=obj.device)
+        if "model." + next(iter(obj.model.state_dict())) in tensors:
+            obj.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        if tensors["learner.ctx"].shape != obj.learner.ctx.shape:
+            raise ValueError(
+                f"checkpoint contexts have shape {tuple(tensors['learner.ctx'].shape)}, expected {tuple(obj.learner.ctx.shape)}"
+            )
+        with torch.no_grad():
+            obj.learner.ctx.copy_(tensors["learner.ctx"])
+        obj.attn.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("attn.")})
+        visual_state = {k[12:]: v for k, v in tensors.items() if k.startswith("eval_visual.")}
+        if visual_state:
+            import copy
+
+            obj.eval_visual = copy.deepcopy(obj.model.visual)
+            obj.eval_visual.load_state_dict(visual_state)
+            obj.eval_visual.eval()
+        if "expert_features" in tensors:
+            obj.expert_features = tensors["expert_features"]
+        return obj
+
+    def load_official_expert(self, domain: str, path: str) -> None:
+        """Loads an official GuiDG/CoOp ``prompt_learner`` state dict (phase-1 ``best*.pth``) into one expert."""
+        if domain not in self.domains:
+            raise ValueError(f"domain {domain!r} is not one of this model's experts {self.domains}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if "ctx" not in state:
+            raise ValueError(f"{path!r} has no 'ctx' entry: not a prompt_learner state dict")
+        prefix = state.get("token_prefix")
+        if prefix is not None and prefix.shape[0] != len(self.classnames):
+            raise ValueError(
+                f"{path!r} was trained for {prefix.shape[0]} classes, this model has {len(self.classnames)}: another class set"
+            )
+        k = self.domains.index(domain)
+        expected = tuple(self.learner.ctx.shape[1:])
+        if tuple(state["ctx"].shape) != expected:
+            raise ValueError(f"{path!r} has ctx of shape {tuple(state['ctx'].shape)}, expected {expected}")
+        with torch.no_grad():
+            self.learner.ctx[k].copy_(state["ctx"].to(self.learner.ctx))
+        self.expert_features = None
+
+
+def _progress(iterable, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, dynamic_ncols=True)
+
+
+def _postfix(bar, loss: float, images: int, seconds: float) -> None:
+    if hasattr(bar, "set_postfix"):
+        bar.set_postfix(loss=f"{loss:.4f}", img_per_s=f"{images / max(seconds, 1e-9):.0f}")
