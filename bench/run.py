@@ -76,9 +76,18 @@ def main(argv=None) -> int:
     with open(path + ".tmp", "w") as fh:
         json.dump(result, fh, indent=2)
     os.replace(path + ".tmp", path)
+    table = markdown_table(rows)
+    with open(os.path.splitext(path)[0] + ".md", "w") as fh:
+        fh.write(table + "\n")
     print()
-    print(markdown_table(rows))
+    print(table)
     print(f"\nresults: {path}")
+    try:
+        from .plot import plot
+
+        print(f"plot:    {plot(result, os.path.splitext(path)[0] + '.png')}")
+    except ImportError as exc:  # matplotlib is optional: the JSON and the table are the results
+        print(f"plot skipped ({exc}); pip install matplotlib to get the PNG")
     return 0
 
 
