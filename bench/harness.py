@@ -38,6 +38,8 @@ class Entry:
     backend: Callable[[dict, str], str] = field(default=lambda case, device: "?")
     repeats: int = 10
     quick_repeats: int = 3
+    # extras(case, device, quick) -> dict merged into the row (e.g. a breakdown of an end-to-end step)
+    extras: Callable[[dict, str, bool], dict] | None = None
 
 
 _PACKAGE = __package__ or "bench"  # "bench" in a checkout, "guidg_fast.bench" when installed
@@ -164,6 +166,8 @@ def run_entry(entry: Entry, device: str, quick: bool, measure_memory: bool = Tru
             if key in work:
                 for provider in PROVIDERS:
                     row[provider][unit] = work[key] / (row[provider]["median_ms"] * 1e-3) / scale
+        if entry.extras is not None:
+            row.update(entry.extras(case, device, quick))
         ref_mem, fast_mem = row["reference"].get("peak_bytes"), row["fast"].get("peak_bytes")
         if ref_mem and fast_mem:
             row["memory_ratio"] = ref_mem / max(fast_mem, 1)
