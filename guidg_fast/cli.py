@@ -59,74 +59,294 @@ def cmd_info(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    """A tiny GuiDG run on random data: a few step-1 updates of all experts, then guided step-2 updates."""
-    import torch
+class _RunDir:
+    """A run folder with a log file (everything printed) and a metrics JSON."""
 
-    import guidg_fast as gf
+    def __init__(self, path: str | None, command: str):
+        import os
 
-    torch.manual_seed(args.seed)
-    cmd_info(argparse.Namespace(json=False))
-    print()
-    model, _, tokenizer = gf.load_clip(gf.TINY_ARCH)
-    classnames = ["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"]
-    K, C, B = 3, len(classnames), 12
-    learner = gf.ExpertPromptLearner(model, tokenizer, classnames, num_experts=K, n_ctx=4)
-    tau = float(model.logit_scale.detach().exp())
-    # step 1: every expert on its own domain's (random) frozen image features
-    feats = torch.nn.functional.normalize(torch.randn(K, B, model.text_projection.shape[1]), dim=-1)
-    labels = torch.randint(0, C, (K, B))
-    opt = torch.optim.SGD([learner.ctx], lr=args.lr)
-    t0 = time.perf_counter()
-    for it in range(args.steps):
-        T = gf.encode_expert_prompts(model, learner)
-        loss = sum(torch.nn.functional.cross_entropy(tau * feats[k] @ T[k].t(), labels[k]) for k in range(K))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        print(f"step 1 iter {it}: summed expert loss {loss.item():.4f}")
-    print(f"step 1: {args.steps} iterations in {time.perf_counter() - t0:.2f} s")
-    # step 2: guided fine-tuning of the vision encoder
-    with torch.no_grad():
-        T = gf.encode_expert_prompts(model, learner)
-    attn = gf.CrossModalAttention(T.shape[-1], C)
-    bma = gf.BetaMovingAverage(model.visual, beta=0.1, total_steps=args.steps)
-    params = list(model.visual.parameters()) + list(attn.parameters())
-    opt2 = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
-    images = torch.randn(B, 3, 32, 32)
-    y = torch.randint(0, C, (B,))
-    t0 = time.perf_counter()
-    for it in range(args.steps):
-        f = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
-        w = attn(f, T).mean(dim=0)
-        loss = gf.ops.multi_expert_loss(f, T, y, w, tau, margin=0.3)
-        opt2.zero_grad()
-        loss.backward()
-        opt2.step()
-        bma.update()
-        print(f"step 2 iter {it}: loss {loss.item():.4f}  expert weights {[round(v, 3) for v in w.tolist()]}")
-    print(f"step 2: {args.steps} iterations in {time.perf_counter() - t0:.2f} s")
-    with torch.no_grad():
-        f = torch.nn.functional.normalize(bma.module(images), dim=-1)
-        w = attn(f, T).mean(dim=0)
-        acc = (gf.ops.ensemble_logits(f, T, w, tau).argmax(-1) == y).float().mean().item()
-    print(f"ensemble top-1 on the step-2 batch (BMA weights): {100 * acc:.1f}%")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.path = path or os.path.join("runs", f"{command}-{stamp}")
+        os.makedirs(self.path, exist_ok=True)
+        self._log = open(os.path.join(self.path, "log.txt"), "a")
+        self.metrics: dict = {"command": command, "started": stamp}
+
+    def print(self, *parts) -> None:
+        line = " ".join(str(p) for p in parts)
+        print(line, flush=True)
+        self._log.write(line + "\n")
+        self._log.flush()
+
+    def save_metrics(self) -> str:
+        import os
+
+        from .train.checkpoint import save_json
+
+        path = os.path.join(self.path, "metrics.json")
+        save_json(path, self.metrics)
+        return path
+
+
+def _load_split(args):
+    """The data of a run (synthetic demo domains, or DomainBed folders under --data) with the official
+    transforms: one un-augmented view for step 1 (exact feature cache), RandAugment for step 2."""
+    from . import data
+
+    if args.data == "synthetic":
+        domains = data.SyntheticDomains(
+            num_classes=args.synthetic_classes, images_per_class=args.synthetic_images, image_size=args.image_size,
+            seed=args.seed,
+        ).datasets
+    else:
+        domains = data.load_domainbed(args.data, dataset=args.dataset, skip_corrupt=args.skip_corrupt)
+    target = args.target or sorted(domains)[-1]
+    if target not in domains:
+        raise SystemExit(f"--target {target!r} is not one of the domains {sorted(domains)}")
+    if args.n_shot:
+        split = data.few_shot_split(domains, [target], n_shot=args.n_shot, seed=args.seed)
+    else:
+        split = data.multi_source_split(domains, [target], seed=args.seed)
+    plain = data.clip_transform(args.image_size)
+    return split.with_transforms(plain, data.clip_transform(args.image_size, randaugment=True), plain)
+
+
+def _new_model(args, split):
+    from .train import GuiDG
+
+    return GuiDG(
+        args.arch, args.pretrained, split.classnames, split.source_domains, device=args.device, n_ctx=args.n_ctx,
+        class_token_position=args.position, class_specific=args.csc, baseline=args.baseline,
+        weight_mode=args.weight_mode, seed=args.seed,
+    )
+
+
+def _report(run, results: dict, split) -> None:
+    run.print(f"{'domain':<16}{'role':<8}{'ensemble':>10}  " + "  ".join(f"{d[:10]:>10}" for d in split.source_domains))
+    for name, r in results.items():
+        role = "target" if name in split.target_domains else "source"
+        experts = "  ".join(f"{r['experts'][d]:>10.1f}" for d in split.source_domains)
+        run.print(f"{name:<16}{role:<8}{r['ensemble']:>10.1f}  {experts}")
+    first = next(iter(results.values()))
+    run.print("mean expert weights: " + ", ".join(f"{d}={w:.3f}" for d, w in first["weights"].items()))
+
+
+def _callback(run, every: int):
+    def log(stage, step, loss):
+        if every and (step + 1) % every == 0:
+            run._log.write(f"{stage} step {step + 1}: loss {loss:.5f}\n")
+            run._log.flush()
+
+    return log
+
+
+def cmd_train_experts(args) -> int:
+    import os
+
+    run = _RunDir(args.out, "train-experts")
+    split = _load_split(args)
+    model = _new_model(args, split)
+    run.print(f"step 1: {len(split.source_domains)} experts {split.source_domains}, {len(split.classnames)} classes")
+    losses = model.fit_experts(
+        split.step1, iterations=args.iterations, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        checkpoint_dir=run.path, checkpoint_every=args.checkpoint_every, resume=args.resume, progress=True,
+        callback=_callback(run, args.log_every),
+    )
+    model.save(os.path.join(run.path, "model"))
+    run.metrics.update({"step1_loss": losses, "model": os.path.join(run.path, "model")})
+    run.print(f"saved {os.path.join(run.path, 'model')}; metrics {run.save_metrics()}")
     return 0
 
 
+def cmd_finetune(args) -> int:
+    import os
+
+    from .train import GuiDG
+
+    run = _RunDir(args.out, "finetune")
+    split = _load_split(args)
+    model = GuiDG.load(args.model, device=args.device, classnames=split.classnames)
+    losses = model.finetune(
+        split.step2, iterations=args.iterations, epochs=args.epochs, batch_per_domain=args.batch_per_domain,
+        lr=args.lr, checkpoint_dir=run.path, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        progress=True, callback=_callback(run, args.log_every),
+    )
+    model.save(os.path.join(run.path, "model"))
+    results = model.evaluate(split.test)
+    _report(run, results, split)
+    run.metrics.update({"step2_loss": losses, "accuracy": results, "model": os.path.join(run.path, "model")})
+    run.print(f"saved {os.path.join(run.path, 'model')}; metrics {run.save_metrics()}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .train import GuiDG
+
+    run = _RunDir(args.out, "evaluate")
+    split = _load_split(args)
+    model = GuiDG.load(args.model, device=args.device, classnames=split.classnames)
+    datasets = dict(split.test)
+    if args.with_sources:
+        datasets.update(split.step2)
+    results = model.evaluate(datasets)
+    _report(run, results, split)
+    run.metrics["accuracy"] = results
+    run.print(f"metrics {run.save_metrics()}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Both GuiDG steps on the synthetic domains with a tiny CLIP on the CPU, with measured speedups."""
+    import os
+
+    import torch
+
+    from .train.speed import step1_speed, step2_speed
+
+    run = _RunDir(args.out, "demo")
+    torch.manual_seed(args.seed)
+    split = _load_split(args)
+    model = _new_model(args, split)
+    run.print(
+        f"GuiDG demo: {args.arch} (random init), synthetic domains {sorted(split.step1) + split.target_domains}, "
+        f"target (held out) = {split.target_domains[0]}, {len(split.classnames)} classes: {', '.join(split.classnames)}"
+    )
+    t0 = time.perf_counter()
+    model.fit_experts(
+        split.step1, iterations=args.step1_iterations, batch_size=args.batch_size, lr=args.step1_lr, progress=True,
+        callback=_callback(run, args.log_every),
+    )
+    run.print(f"step 1 done in {time.perf_counter() - t0:.1f} s: loss {model.history['step1'][0]:.3f} -> "
+              f"{model.history['step1'][-1]:.3f}")
+    t0 = time.perf_counter()
+    model.finetune(
+        split.step2, iterations=args.step2_iterations, batch_per_domain=args.batch_per_domain, lr=args.step2_lr,
+        progress=True, callback=_callback(run, args.log_every),
+    )
+    run.print(f"step 2 done in {time.perf_counter() - t0:.1f} s: loss {model.history['step2'][0]:.3f} -> "
+              f"{model.history['step2'][-1]:.3f}")
+    eval_sets = {**split.test, **split.step2} if args.with_sources else dict(split.test)
+    results = model.evaluate(eval_sets)
+    run.print(f"\ntop-1 accuracy (%), chance = {100.0 / len(split.classnames):.1f}:")
+    _report(run, results, split)
+    run.print("\nspeed on the same work, measured now (median of a few iterations):")
+    s1 = step1_speed(model, split.step1, batch_size=args.batch_size, iterations=args.speed_iterations)
+    run.print(f"  step 1 iteration: fast {s1['fast_s'] * 1e3:.1f} ms vs official structure "
+              f"{s1['reference_s'] * 1e3:.1f} ms -> {s1['speedup']:.1f}x")
+    s2 = step2_speed(model, split.step2, batch_per_domain=args.batch_per_domain, iterations=args.speed_iterations)
+    run.print(f"  step 2 iteration: fast {s2['fast_s'] * 1e3:.1f} ms vs official structure "
+              f"{s2['reference_s'] * 1e3:.1f} ms -> {s2['speedup']:.2f}x (the vision encoder dominates here)")
+    model.save(os.path.join(run.path, "model"))
+    run.metrics.update({
+        "accuracy": results, "step1_loss": model.history["step1"], "step2_loss": model.history["step2"],
+        "speed": {"step1": s1, "step2": s2}, "backends": info_dict()["backends"],
+    })
+    run.save_metrics()
+    run.print(f"\nrun folder {run.path} (log.txt, metrics.json, model/)")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench.run import main as bench_main
+
+    return bench_main(args.bench_args)
+
+def _add_common(p, *, demo: bool = False) -> None:
+    from .backbone import TINY_ARCH
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="synthetic",
+                   help="'synthetic' (generated in code) or a DomainBed root folder (default: synthetic)")
+    g.add_argument("--dataset", default=None,
+                   help="DomainBed dataset under --data: PACS, VLCS, OfficeHome, TerraIncognita, DomainNet "
+                        "(default: none, --data holds the domain folders itself)")
+    g.add_argument("--target", default=None, help="held-out target domain (default: the last domain by name)")
+    g.add_argument("--n-shot", type=int, default=0,
+                   help="few-shot protocol: images per class per half (default: 0 = the 30/70 multi-source split)")
+    g.add_argument("--image-size", type=int, default=32 if demo else 224,
+                   help=f"image side in pixels (default: {32 if demo else 224})")
+    g.add_argument("--skip-corrupt", action="store_true",
+                   help="skip unreadable image files with a warning (default: an error naming the file)")
+    g.add_argument("--synthetic-classes", type=int, default=7, help="classes of the synthetic data (default: 7)")
+    g.add_argument("--synthetic-images", type=int, default=24,
+                   help="images per class and domain of the synthetic data (default: 24)")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default=TINY_ARCH if demo else "ViT-B-16",
+                   help=f"open_clip architecture (default: {TINY_ARCH if demo else 'ViT-B-16'})")
+    g.add_argument("--pretrained", default=None,
+                   help="local weights file or cached open_clip tag (default: none = random init)")
+    g.add_argument("--n-ctx", type=int, default=4 if demo else 16,
+                   help=f"learned context tokens per expert (default: {4 if demo else 16})")
+    g.add_argument("--position", default="end", choices=["end", "middle", "front"],
+                   help="class token position (default: end)")
+    g.add_argument("--csc", action="store_true", help="class-specific contexts (default: one generic context)")
+    g.add_argument("--baseline", default="clipood", choices=["clipood", "erm", "ueo"],
+                   help="step-2 baseline (default: clipood = margin 0.3 + BMA)")
+    g.add_argument("--weight-mode", default="batch", choices=["batch", "sample"],
+                   help="expert weights: batch mean (official) or per sample (paper Eq. 20) (default: batch)")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    g.add_argument("--seed", type=int, default=0, help="seed of splits, init and batches (default: 0)")
+    g.add_argument("--out", default=None, help="run folder (default: runs/<command>-<time>)")
+    g.add_argument("--log-every", type=int, default=1, help="write the loss to log.txt every N steps (default: 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="guidg-fast", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="guidg-fast",
+        description="GuiDG (domain-expert prompt guidance for CLIP) with fused kernels. "
+        "Every option is listed with its default under `guidg-fast COMMAND --help`.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
+
     p = sub.add_parser("info", help="versions, extension build, and the backend each op uses on CPU and CUDA")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON (default: a table)")
     p.set_defaults(func=cmd_info)
-    p = sub.add_parser("demo", help="a tiny two-step GuiDG run on the CPU (random-init tiny CLIP)")
-    p.add_argument("--steps", type=int, default=3, help="iterations of each step (default: 3)")
-    p.add_argument("--lr", type=float, default=2e-3, help="step-1 SGD learning rate (default: 2e-3)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.set_defaults(func=cmd_demo)
-    return parser
 
+    p = sub.add_parser("demo", help="both steps on synthetic domains with a tiny CLIP on the CPU, with speedups")
+    _add_common(p, demo=True)
+    p.add_argument("--step1-iterations", type=int, default=60, help="step-1 iterations (default: 60)")
+    p.add_argument("--step2-iterations", type=int, default=40, help="step-2 iterations (default: 40)")
+    p.add_argument("--batch-size", type=int, default=32, help="step-1 images per expert per step (default: 32)")
+    p.add_argument("--batch-per-domain", type=int, default=12, help="step-2 images per source domain (default: 12)")
+    p.add_argument("--step1-lr", type=float, default=2e-2, help="step-1 SGD learning rate (default: 2e-2)")
+    p.add_argument("--step2-lr", type=float, default=1e-4, help="step-2 AdamW learning rate (default: 1e-4)")
+    p.add_argument("--speed-iterations", type=int, default=3, help="iterations timed per mode (default: 3)")
+    p.add_argument("--targets-only", dest="with_sources", action="store_false",
+                   help="report only the held-out target (default: sources' step-2 images too)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train-experts", help="step 1: train one prompt expert per source domain, all in one run")
+    _add_common(p)
+    p.add_argument("--iterations", type=int, default=None, help="steps (default: epochs x steps per epoch)")
+    p.add_argument("--epochs", type=int, default=31, help="epochs when --iterations is not given (default: 31)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per expert per step (default: 32)")
+    p.add_argument("--lr", type=float, default=1e-4, help="SGD learning rate (default: 1e-4, official)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="save resumable state every N steps (default: 100)")
+    p.add_argument("--resume", default=None, help="step1_state.pt to continue from (default: none)")
+    p.set_defaults(func=cmd_train_experts)
+
+    p = sub.add_parser("finetune", help="step 2: fine-tune the vision encoder under expert guidance")
+    _add_common(p)
+    p.add_argument("--model", required=True, help="model folder written by train-experts (required)")
+    p.add_argument("--iterations", type=int, default=None, help="steps (default: epochs x 400)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs of 400 steps (default: 10)")
+    p.add_argument("--batch-per-domain", type=int, default=12, help="images per source domain per step (default: 12)")
+    p.add_argument("--lr", type=float, default=5e-6, help="AdamW learning rate (default: 5e-6, official)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="save resumable state every N steps (default: 100)")
+    p.add_argument("--resume", default=None, help="step2_state.pt to continue from (default: none)")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="top-1 per target domain: ensemble, each expert, mean expert weights")
+    _add_common(p)
+    p.add_argument("--model", required=True, help="model folder written by train-experts or finetune (required)")
+    p.add_argument("--with-sources", action="store_true", help="also evaluate the sources' step-2 images")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("bench", help="benchmarks fast vs eager reference (see `guidg-fast bench -- --help`)",
+                       add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the benchmark runner")
+    p.set_defaults(func=cmd_bench)
+    return parser
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)

@@ -46,7 +46,44 @@ def test_info_table_and_help():
     assert proc.returncode == 0 and "demo" in proc.stdout
 
 
-def test_demo_runs():
-    proc = _run(sys.executable, "-m", "guidg_fast", "demo", "--steps", "2")
+def test_demo_runs(tmp_path):
+    out = tmp_path / "run"
+    proc = _run(
+        sys.executable, "-m", "guidg_fast", "demo", "--step1-iterations", "2", "--step2-iterations", "2",
+        "--speed-iterations", "1", "--synthetic-images", "4", "--batch-size", "4", "--batch-per-domain", "2",
+        "--out", str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "step 2 iter 1" in proc.stdout and "ensemble top-1" in proc.stdout
+    assert "target" in proc.stdout and "step 1 iteration: fast" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["accuracy"]) == {"photo", "painting", "cartoon", "sketch"}
+    assert len(metrics["step1_loss"]) == 2 and len(metrics["step2_loss"]) == 2
+    assert (out / "log.txt").read_text().count("step1 step") == 2
+    assert (out / "model" / "weights.safetensors").exists()
+
+
+def test_train_finetune_evaluate_commands(tmp_path):
+    common = ["--arch", "guidg-tiny", "--image-size", "32", "--n-ctx", "2", "--synthetic-images", "3"]
+    proc = _run(sys.executable, "-m", "guidg_fast", "train-experts", *common, "--iterations", "2", "--batch-size", "4",
+                "--out", str(tmp_path / "s1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _run(sys.executable, "-m", "guidg_fast", "finetune", *common, "--model", str(tmp_path / "s1" / "model"),
+                "--iterations", "2", "--batch-per-domain", "2", "--out", str(tmp_path / "s2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _run(sys.executable, "-m", "guidg_fast", "evaluate", *common, "--model", str(tmp_path / "s2" / "model"),
+                "--out", str(tmp_path / "ev"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "sketch" in json.loads((tmp_path / "ev" / "metrics.json").read_text())["accuracy"]
+    proc = _run(sys.executable, "-m", "guidg_fast", "evaluate", *common, "--model", str(tmp_path / "s2" / "model"),
+                "--synthetic-classes", "5")
+    assert proc.returncode != 0 and "trained for 7 classes" in proc.stderr
+
+
+def test_every_option_documents_its_default():
+    for command in ("demo", "train-experts", "finetune", "evaluate"):
+        proc = _run(sys.executable, "-m", "guidg_fast", command, "--help")
+        assert proc.returncode == 0
+        text = " ".join(proc.stdout.split())
+        options = [tok.split("=")[0] for tok in text.split() if tok.startswith("--") and tok not in ("--help",)]
+        assert options, command
+        assert text.count("default") >= len(set(options)) // 2, command
