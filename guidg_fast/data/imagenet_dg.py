@@ -114,8 +114,10 @@ def build_imagenet_dg(
     split, then ``n_shot`` images per class from each half (step 1 / step 2); see few_shot_split.
 
     With full datasets the step sets hold n_shot*C images for ImageNet and ImageNet-Sketch and
-    5*C for ImageNet-V2 (10 images per class, 5 per half); the test set holds 7,500 (A), 30,000
-    (R) or 50,000 (val) images. ``split.info["count_check"]`` records these checks.
+    min(n_shot, 5)*C for ImageNet-V2 (10 images per class, 5 per half); the test set holds 7,500
+    (A), 30,000 (R) or 50,000 (val) images; with the val target the sources are loaded whole and
+    compared with their full sizes too. ``split.info["count_check"]`` records these checks
+    (``{name: {"found", "expected", "ok"}}``) and a mismatch warns.
     """
     target = _normalise_target(target)
     imagenet_root = Path(imagenet_root)
@@ -231,8 +233,12 @@ def _count_check(domains, target, wnids, split, n_shot, train_root, sketch, v2) 
                     stacklevel=3,
                 )
     if all(full_classes[n] == IMAGENET_DG_FULL[n][0] for n in full_classes):
+        # n_shot per class and half, or all a half holds: ImageNet-V2 has 10 images per class (5 per half)
         C = len(wnids)
-        expected = {"imagenet": n_shot * C, "imagenet_sketch": n_shot * C, "imagenet_v2": min(n_shot, 5) * C}
+        expected = {}
+        for name in ("imagenet", "imagenet_sketch", "imagenet_v2"):
+            classes, images = IMAGENET_DG_FULL[name]
+            expected[name] = min(n_shot, (images // classes) // 2) * C
         for part in ("step1", "step2"):
             for name, n in expected.items():
                 found = len(getattr(split, part)[name])
