@@ -18,8 +18,10 @@ with three exact identities of a causal text tower (GUIDG_SPEC, "exact shortcuts
    (``ops.eot_project``).
 
 Backend: the pass follows ``prefix_attention`` (``guidg-fast info`` lists it under
-``encode_expert_prompts``). When the fused kernels cannot run (or ``eager`` is forced) the call
-routes to ``reference.encode_expert_prompts``.
+``encode_expert_prompts``): each fused op picks its own backend (Triton, C++/CUDA extension, or its
+eager math when no kernel can run -- the pass stays exact and shared-prefix either way). Forcing
+``eager`` (GUIDG_FAST_BACKEND=eager or ``ops.use_backend("eager")``) routes the whole call to
+``reference.encode_expert_prompts``, the official full-length loop.
 
 Supported text towers: open_clip's standard causal tower with ``ResidualAttentionBlock``
 (``nn.MultiheadAttention`` without bias_k/bias_v/add_zero_attn) or ``CustomResidualAttentionBlock``
@@ -43,12 +45,12 @@ from .backbone import text_tower
 from .ops import _backend
 
 # the pass has no kernel of its own: it runs where prefix_attention's fused kernels run
-_PREFIX_SPEC = _backend.REGISTRY.get("prefix_attention")
+_PREFIX_SPEC = _backend.REGISTRY["prefix_attention"]
 SPEC = _backend.register(
     _backend.OpSpec(
         "encode_expert_prompts",
-        ext_ops=tuple(_PREFIX_SPEC.ext_ops) if _PREFIX_SPEC is not None else (),
-        triton=bool(_PREFIX_SPEC.triton) if _PREFIX_SPEC is not None else False,
+        ext_ops=tuple(_PREFIX_SPEC.ext_ops),
+        triton=bool(_PREFIX_SPEC.triton),
         notes={"follows": "prefix_attention"},
     )
 )
@@ -353,8 +355,10 @@ def shared_prefix_encode(model, learner) -> torch.Tensor:
 
 def encode_expert_prompts(model, learner) -> torch.Tensor:
     """(K, C, D) normalised text features of all experts, differentiable w.r.t. ``learner.ctx``."""
-    backend = _backend.choose("encode_expert_prompts", learner.ctx.device)
-    if backend == "eager":
+    forced = _backend.forced_backend()
+    if forced is not None:
+        _backend.choose("encode_expert_prompts", learner.ctx.device)  # a forced backend that cannot run raises
+    if forced == "eager":
         return reference.encode_expert_prompts(model, learner)
     reason = fast_path_unsupported_reason(model)
     if reason is not None:
