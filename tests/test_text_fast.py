@@ -73,6 +73,15 @@ def _frozen(model):
     return model
 
 
+@pytest.fixture(scope="module")
+def tiny(tiny_clip):
+    """A frozen private copy of the session's tiny CLIP (CoOp freezes both encoders)."""
+    import copy
+
+    model, _, tokenizer = tiny_clip
+    return _frozen(copy.deepcopy(model)), None, tokenizer
+
+
 def _tiny_variant(**text_overrides):
     """A tiny CLIP whose text tower uses other open_clip block options."""
     import open_clip
@@ -135,9 +144,8 @@ def test_prompt_layout_rebuilds_prompts(tiny_clip, position, class_specific):
     [("end", False, 1), ("end", False, 3), ("middle", False, 2), ("front", False, 3),
      ("end", True, 2), ("middle", True, 1), ("front", True, 2)],
 )
-def test_tiny_parity(tiny_clip, backend, position, class_specific, K):
-    model, _, tokenizer = tiny_clip
-    model = _frozen(model)
+def test_tiny_parity(tiny, backend, position, class_specific, K):
+    model, _, tokenizer = tiny
     learner = gf.ExpertPromptLearner(
         model, tokenizer, TINY_CLASSES, num_experts=K, n_ctx=4 if position != "middle" else 5,
         class_token_position=position, class_specific=class_specific,
@@ -150,9 +158,8 @@ def test_tiny_parity(tiny_clip, backend, position, class_specific, K):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_tiny_parity_ctx_init_and_one_class(tiny_clip, backend):
-    model, _, tokenizer = tiny_clip
-    model = _frozen(model)
+def test_tiny_parity_ctx_init_and_one_class(tiny, backend):
+    model, _, tokenizer = tiny
     learner = gf.ExpertPromptLearner(model, tokenizer, ["fire_truck"], num_experts=2, ctx_init="a photo of a")
     with torch.no_grad():
         learner.ctx.add_(0.05 * torch.randn_like(learner.ctx))
@@ -241,8 +248,8 @@ def test_vit_b16_parity(vit_text, vit_reference, backend, case):
 # routing, fallback, bad input
 
 
-def test_gradient_reaches_each_expert_only(tiny_clip):
-    model, _, tokenizer = tiny_clip
+def test_gradient_reaches_each_expert_only(tiny):
+    model, _, tokenizer = tiny
     learner = gf.ExpertPromptLearner(model, tokenizer, TINY_CLASSES, num_experts=3, n_ctx=3)
     with _backend.use_backend("eager"):
         out = text.shared_prefix_encode(model, learner)
