@@ -1,12 +1,13 @@
 // CPU launchers of prefix_attention (shared-prefix causal attention), forward and backward.
 //
-// Forward: at::parallel_for over (k, m, h); each query streams its keys in tiles of kKeyTile with an
-// online softmax (only a kKeyTile score buffer per query exists). Backward: parallel over
-// (m-chunk, k, h): a task owns the suffix key/value gradients of its sequences outright and sums the
-// prefix key/value gradients of (k, h) over its m-chunk in a private buffer; the chunk partials are
-// then reduced in a fixed order (deterministic, no data races).
-// Inner loops run over Dh and are vectorised (omp simd); on x86 the hot loops are compiled twice,
-// for AVX2+FMA and for the baseline ISA, and picked at run time.
+// Both passes run at::parallel_for over tasks (m-chunk, k, h). Keys are processed in tiles of
+// kKeyTile stored transposed, so scores are vectorised over the tile's keys; each query keeps an
+// online softmax over the tiles (forward) or recomputes its probabilities from the saved lse
+// (backward): no (S, P + S) score tensor exists, only one kKeyTile score row at a time. A backward
+// task owns the suffix key/value gradients of its sequences outright and sums the prefix key/value
+// gradients of (k, h) over its m-chunk in private accumulators; the chunk partials are reduced in a
+// fixed order afterwards (deterministic, no data races).
+// On x86 the hot loops are compiled twice, for AVX2+FMA and for the baseline ISA, picked at run time.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -88,55 +89,148 @@ GF_ALWAYS_INLINE const scalar_t* value_ptr(const Inputs<scalar_t>& in, int64_t k
   return j < P ? in.vp + prefix_offset(in.svp, k, j, h) : in.v + suffix_offset(in.sv, k, m, j - P, h);
 }
 
+// ---------------------------------------------------------------------------------------- key tiles
+
+// Keys are handled in tiles of kKeyTile, stored transposed (Dh x kKeyTile, zero padded), so a query's
+// scores against a tile are Dh broadcast-FMAs over kKeyTile lanes (no horizontal sums). Tiles never
+// straddle the prefix / suffix boundary: prefix tiles cover keys [0, P), suffix tiles [P, P + S).
+struct Tiling {
+  int64_t P, S, prefix_tiles, suffix_tiles;
+  explicit Tiling(const PrefixAttentionShape& sh)
+      : P(sh.P), S(sh.S), prefix_tiles((sh.P + kKeyTile - 1) / kKeyTile), suffix_tiles((sh.S + kKeyTile - 1) / kKeyTile) {}
+  int64_t tiles() const { return prefix_tiles + suffix_tiles; }
+  int64_t first_key(int64_t tile) const {  // global key index j of the tile's first key
+    return tile < prefix_tiles ? tile * kKeyTile : P + (tile - prefix_tiles) * kKeyTile;
+  }
+  int64_t size(int64_t tile) const {
+    return tile < prefix_tiles ? std::min(kKeyTile, P - tile * kKeyTile)
+                               : std::min(kKeyTile, S - (tile - prefix_tiles) * kKeyTile);
+  }
+  // how many keys of the tile query s sees (0: skip the tile)
+  int64_t visible(int64_t tile, int64_t s) const {
+    if (tile < prefix_tiles) return size(tile);
+    const int64_t first = (tile - prefix_tiles) * kKeyTile;
+    return std::max<int64_t>(0, std::min(size(tile), s - first + 1));
+  }
+};
+
+// dst[d * kKeyTile + t] = row t of the tile (t < n), 0 for t >= n
+template <typename acc_t, typename RowFn>
+GF_ALWAYS_INLINE void transpose_tile(RowFn row, int64_t n, int64_t Dh, acc_t* dst) {
+  for (int64_t t = 0; t < n; ++t) {
+    const auto* r = row(t);
+    for (int64_t d = 0; d < Dh; ++d) dst[d * kKeyTile + t] = static_cast<acc_t>(r[d]);
+  }
+  for (int64_t t = n; t < kKeyTile; ++t) {
+    for (int64_t d = 0; d < Dh; ++d) dst[d * kKeyTile + t] = acc_t(0);
+  }
+}
+
+// sc[t] = <x, column t of the transposed tile>, for all kKeyTile lanes
+template <typename acc_t>
+GF_ALWAYS_INLINE void tile_dots(const acc_t* x, const acc_t* tile, int64_t Dh, acc_t* sc) {
+  acc_t r[kKeyTile] = {};
+  for (int64_t d = 0; d < Dh; ++d) {
+    const acc_t xd = x[d];
+    const acc_t* col = tile + d * kKeyTile;
+#pragma omp simd
+    for (int64_t t = 0; t < kKeyTile; ++t) r[t] += xd * col[t];
+  }
+  for (int64_t t = 0; t < kKeyTile; ++t) sc[t] = r[t];
+}
+
+// tile[d * kKeyTile + t] += x[d] * w[t]
+template <typename acc_t>
+GF_ALWAYS_INLINE void tile_outer_add(const acc_t* x, const acc_t* w, int64_t Dh, acc_t* tile) {
+  for (int64_t d = 0; d < Dh; ++d) {
+    const acc_t xd = x[d];
+    acc_t* col = tile + d * kKeyTile;
+#pragma omp simd
+    for (int64_t t = 0; t < kKeyTile; ++t) col[t] += xd * w[t];
+  }
+}
+
+// Work split shared by forward and backward: a task is (m-chunk, k, h); the prefix tiles of (k, h)
+// are transposed once per task and reused by every sequence of the chunk.
+struct TaskSplit {
+  int64_t m_chunk, n_chunks;
+  TaskSplit(const PrefixAttentionShape& sh, int64_t want_tasks) {
+    const int64_t kh = std::max<int64_t>(1, sh.K * sh.H);
+    const int64_t chunks = std::min<int64_t>(std::max<int64_t>(sh.M, 1), std::max<int64_t>(1, (want_tasks + kh - 1) / kh));
+    m_chunk = (sh.M + chunks - 1) / chunks;
+    n_chunks = (sh.M + m_chunk - 1) / m_chunk;
+  }
+};
+
 // ------------------------------------------------------------------------------------------ forward
 
 template <typename scalar_t, typename acc_t>
-GF_ALWAYS_INLINE void forward_tasks(const Inputs<scalar_t>& in, scalar_t* out, acc_t* lse, int64_t begin,
-                                    int64_t end) {
+GF_ALWAYS_INLINE void forward_tasks(const Inputs<scalar_t>& in, scalar_t* out, acc_t* lse, int64_t m_chunk,
+                                    int64_t begin, int64_t end) {
   const PrefixAttentionShape sh = in.shape;
   const int64_t Dh = sh.Dh;
   const acc_t scale = static_cast<acc_t>(in.scale);
-  std::vector<acc_t> buffer(2 * Dh);
-  acc_t* q = buffer.data();
+  const Tiling tiling(sh);
+  const int64_t tile_elems = Dh * kKeyTile;
+  std::vector<acc_t> buffer(tiling.tiles() * tile_elems + 2 * Dh);
+  acc_t* key_tiles = buffer.data();  // transposed keys: prefix tiles, then the current sequence's suffix tiles
+  acc_t* q = key_tiles + tiling.tiles() * tile_elems;
   acc_t* acc = q + Dh;
-  acc_t scores[kKeyTile];
+  acc_t sc[kKeyTile];
   for (int64_t task = begin; task < end; ++task) {
     const int64_t h = task % sh.H;
-    const int64_t m = (task / sh.H) % sh.M;
-    const int64_t k = task / (sh.H * sh.M);
-    for (int64_t s = 0; s < sh.S; ++s) {
-      load(q, in.q + suffix_offset(in.sq, k, m, s, h), Dh);
-      std::fill(acc, acc + Dh, acc_t(0));
-      OnlineSoftmax<acc_t> softmax;
-      softmax.init();
-      const int64_t n_keys = prefix_attention_num_keys(s, sh.P);
-      for (int64_t j0 = 0; j0 < n_keys; j0 += kKeyTile) {
-        const int64_t n = std::min(kKeyTile, n_keys - j0);
-        acc_t tile_max = -INFINITY;
-        for (int64_t t = 0; t < n; ++t) {
-          scores[t] = scale * dot(q, key_ptr(in, k, m, h, j0 + t), Dh);
-          tile_max = std::max(tile_max, scores[t]);
-        }
-        const acc_t alpha = softmax.absorb_max(tile_max);
-        scale_inplace(acc, alpha, Dh);
-        for (int64_t t = 0; t < n; ++t) axpy(acc, softmax.weight(scores[t]), value_ptr(in, k, m, h, j0 + t), Dh);
+    const int64_t k = (task / sh.H) % sh.K;
+    const int64_t chunk = task / (sh.H * sh.K);
+    const int64_t m_begin = chunk * m_chunk, m_end = std::min(sh.M, m_begin + m_chunk);
+    for (int64_t tile = 0; tile < tiling.prefix_tiles; ++tile) {
+      const int64_t j0 = tiling.first_key(tile);
+      transpose_tile<acc_t>([&](int64_t t) { return key_ptr(in, k, 0, h, j0 + t); }, tiling.size(tile), Dh,
+                            key_tiles + tile * tile_elems);
+    }
+    for (int64_t m = m_begin; m < m_end; ++m) {
+      for (int64_t tile = tiling.prefix_tiles; tile < tiling.tiles(); ++tile) {
+        const int64_t j0 = tiling.first_key(tile);
+        transpose_tile<acc_t>([&](int64_t t) { return key_ptr(in, k, m, h, j0 + t); }, tiling.size(tile), Dh,
+                              key_tiles + tile * tile_elems);
       }
-      const acc_t inv = softmax.inv_sum();
-      scalar_t* o = out + dense_row(sh, k, m, s, h) * Dh;
+      for (int64_t s = 0; s < sh.S; ++s) {
+        load(q, in.q + suffix_offset(in.sq, k, m, s, h), Dh);
+        std::fill(acc, acc + Dh, acc_t(0));
+        OnlineSoftmax<acc_t> softmax;
+        softmax.init();
+        for (int64_t tile = 0; tile < tiling.tiles(); ++tile) {
+          const int64_t n = tiling.visible(tile, s);
+          if (n == 0) continue;
+          const int64_t j0 = tiling.first_key(tile);
+          tile_dots(q, key_tiles + tile * tile_elems, Dh, sc);
+          acc_t tile_max = -INFINITY;
+          for (int64_t t = 0; t < n; ++t) {
+            sc[t] *= scale;
+            tile_max = std::max(tile_max, sc[t]);
+          }
+          const acc_t alpha = softmax.absorb_max(tile_max);
+          if (alpha != acc_t(1)) scale_inplace(acc, alpha, Dh);
+          for (int64_t t = 0; t < n; ++t) axpy(acc, softmax.weight(sc[t]), value_ptr(in, k, m, h, j0 + t), Dh);
+        }
+        const acc_t inv = softmax.inv_sum();
+        scalar_t* o = out + dense_row(sh, k, m, s, h) * Dh;
 #pragma omp simd
-      for (int64_t d = 0; d < Dh; ++d) o[d] = static_cast<scalar_t>(acc[d] * inv);
-      lse[lse_index(sh, k, m, h, s)] = softmax.lse();
+        for (int64_t d = 0; d < Dh; ++d) o[d] = static_cast<scalar_t>(acc[d] * inv);
+        lse[lse_index(sh, k, m, h, s)] = softmax.lse();
+      }
     }
   }
 }
 
 template <typename scalar_t, typename acc_t>
-GF_TARGET_AVX2 void forward_tasks_avx2(const Inputs<scalar_t>& in, scalar_t* out, acc_t* lse, int64_t b, int64_t e) {
-  forward_tasks<scalar_t, acc_t>(in, out, lse, b, e);
+GF_TARGET_AVX2 void forward_tasks_avx2(const Inputs<scalar_t>& in, scalar_t* out, acc_t* lse, int64_t m_chunk,
+                                       int64_t b, int64_t e) {
+  forward_tasks<scalar_t, acc_t>(in, out, lse, m_chunk, b, e);
 }
 template <typename scalar_t, typename acc_t>
-void forward_tasks_baseline(const Inputs<scalar_t>& in, scalar_t* out, acc_t* lse, int64_t b, int64_t e) {
-  forward_tasks<scalar_t, acc_t>(in, out, lse, b, e);
+void forward_tasks_baseline(const Inputs<scalar_t>& in, scalar_t* out, acc_t* lse, int64_t m_chunk, int64_t b,
+                            int64_t e) {
+  forward_tasks<scalar_t, acc_t>(in, out, lse, m_chunk, b, e);
 }
 
 bool cpu_has_avx2() {
@@ -167,65 +261,94 @@ template <typename scalar_t, typename acc_t>
 GF_ALWAYS_INLINE void backward_tasks(const Inputs<scalar_t>& in, const Grads<scalar_t, acc_t>& g, int64_t begin,
                                      int64_t end) {
   const PrefixAttentionShape sh = in.shape;
-  const int64_t Dh = sh.Dh, P = sh.P, S = sh.S;
+  const int64_t Dh = sh.Dh, P = sh.P;
   const acc_t scale = static_cast<acc_t>(in.scale);
-  // q, dO, dq of one query; prefix dK/dV of (k, h) over the chunk; suffix dK/dV of one sequence
-  std::vector<acc_t> buffer((3 + 2 * P + 2 * S) * Dh);
-  acc_t* q = buffer.data();
+  const Tiling tiling(sh);
+  const int64_t tile_elems = Dh * kKeyTile;
+  const int64_t all_tiles = tiling.tiles() * tile_elems;
+  // transposed K and V tiles, and the transposed dK / dV accumulators of the same tiles (the prefix
+  // ones summed over the task's m-chunk, the suffix ones over one sequence); q, dO, dq of one query
+  std::vector<acc_t> buffer(4 * all_tiles + 3 * Dh);
+  acc_t* key_tiles = buffer.data();
+  acc_t* value_tiles = key_tiles + all_tiles;
+  acc_t* dkey_tiles = value_tiles + all_tiles;
+  acc_t* dvalue_tiles = dkey_tiles + all_tiles;
+  acc_t* q = dvalue_tiles + all_tiles;
   acc_t* dout = q + Dh;
   acc_t* dq = dout + Dh;
-  acc_t* dkp = dq + Dh;
-  acc_t* dvp = dkp + P * Dh;
-  acc_t* dks = dvp + P * Dh;
-  acc_t* dvs = dks + S * Dh;
+  acc_t sc[kKeyTile], dp[kKeyTile], p[kKeyTile], ds[kKeyTile];
+  const int64_t prefix_elems = tiling.prefix_tiles * tile_elems;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t h = task % sh.H;
     const int64_t k = (task / sh.H) % sh.K;
     const int64_t chunk = task / (sh.H * sh.K);
     const int64_t m_begin = chunk * g.m_chunk, m_end = std::min(sh.M, m_begin + g.m_chunk);
-    std::fill(dkp, dkp + 2 * P * Dh, acc_t(0));
+    for (int64_t tile = 0; tile < tiling.prefix_tiles; ++tile) {
+      const int64_t j0 = tiling.first_key(tile), n = tiling.size(tile);
+      transpose_tile<acc_t>([&](int64_t t) { return key_ptr(in, k, 0, h, j0 + t); }, n, Dh, key_tiles + tile * tile_elems);
+      transpose_tile<acc_t>([&](int64_t t) { return value_ptr(in, k, 0, h, j0 + t); }, n, Dh,
+                            value_tiles + tile * tile_elems);
+    }
+    std::fill(dkey_tiles, dkey_tiles + prefix_elems, acc_t(0));
+    std::fill(dvalue_tiles, dvalue_tiles + prefix_elems, acc_t(0));
     for (int64_t m = m_begin; m < m_end; ++m) {
-      std::fill(dks, dks + 2 * S * Dh, acc_t(0));
-      for (int64_t s = 0; s < S; ++s) {
+      for (int64_t tile = tiling.prefix_tiles; tile < tiling.tiles(); ++tile) {
+        const int64_t j0 = tiling.first_key(tile), n = tiling.size(tile);
+        transpose_tile<acc_t>([&](int64_t t) { return key_ptr(in, k, m, h, j0 + t); }, n, Dh,
+                              key_tiles + tile * tile_elems);
+        transpose_tile<acc_t>([&](int64_t t) { return value_ptr(in, k, m, h, j0 + t); }, n, Dh,
+                              value_tiles + tile * tile_elems);
+      }
+      std::fill(dkey_tiles + prefix_elems, dkey_tiles + all_tiles, acc_t(0));
+      std::fill(dvalue_tiles + prefix_elems, dvalue_tiles + all_tiles, acc_t(0));
+      for (int64_t s = 0; s < sh.S; ++s) {
         const int64_t row = dense_row(sh, k, m, s, h) * Dh;
         load(q, in.q + suffix_offset(in.sq, k, m, s, h), Dh);
         load(dout, g.grad_out + row, Dh);
         const acc_t delta = dot(dout, g.out + row, Dh);
         const acc_t lse = g.lse[lse_index(sh, k, m, h, s)];
         std::fill(dq, dq + Dh, acc_t(0));
-        const int64_t n_keys = prefix_attention_num_keys(s, P);
-        for (int64_t j = 0; j < n_keys; ++j) {
-          const scalar_t* key = key_ptr(in, k, m, h, j);
-          const scalar_t* value = value_ptr(in, k, m, h, j);
-          const acc_t p = recompute_probability<acc_t>(scale * dot(q, key, Dh), lse);
-          const acc_t ds = score_gradient<acc_t>(p, dot(dout, value, Dh), delta);
-          axpy(dq, ds, key, Dh);
-          acc_t* dk_row = j < P ? dkp + j * Dh : dks + (j - P) * Dh;
-          acc_t* dv_row = j < P ? dvp + j * Dh : dvs + (j - P) * Dh;
-          axpy(dk_row, ds, q, Dh);
-          axpy(dv_row, p, dout, Dh);
+        for (int64_t tile = 0; tile < tiling.tiles(); ++tile) {
+          const int64_t n = tiling.visible(tile, s);
+          if (n == 0) continue;
+          const int64_t j0 = tiling.first_key(tile);
+          tile_dots(q, key_tiles + tile * tile_elems, Dh, sc);
+          tile_dots(dout, value_tiles + tile * tile_elems, Dh, dp);
+          for (int64_t t = 0; t < kKeyTile; ++t) {
+            p[t] = t < n ? recompute_probability<acc_t>(scale * sc[t], lse) : acc_t(0);
+            ds[t] = score_gradient<acc_t>(p[t], dp[t], delta);
+          }
+          for (int64_t t = 0; t < n; ++t) axpy(dq, ds[t], key_ptr(in, k, m, h, j0 + t), Dh);
+          tile_outer_add(q, ds, Dh, dkey_tiles + tile * tile_elems);
+          tile_outer_add(dout, p, Dh, dvalue_tiles + tile * tile_elems);
         }
         scalar_t* dq_out = g.dq + row;
 #pragma omp simd
         for (int64_t d = 0; d < Dh; ++d) dq_out[d] = static_cast<scalar_t>(scale * dq[d]);
       }
-      for (int64_t s = 0; s < S; ++s) {
-        const int64_t row = dense_row(sh, k, m, s, h) * Dh;
-        scalar_t* dk_out = g.dk + row;
-        scalar_t* dv_out = g.dv + row;
-#pragma omp simd
-        for (int64_t d = 0; d < Dh; ++d) {
-          dk_out[d] = static_cast<scalar_t>(scale * dks[s * Dh + d]);
-          dv_out[d] = static_cast<scalar_t>(dvs[s * Dh + d]);
+      for (int64_t tile = tiling.prefix_tiles; tile < tiling.tiles(); ++tile) {
+        const int64_t first = tiling.first_key(tile) - P;
+        const acc_t* dkt = dkey_tiles + tile * tile_elems;
+        const acc_t* dvt = dvalue_tiles + tile * tile_elems;
+        for (int64_t t = 0; t < tiling.size(tile); ++t) {
+          const int64_t dst = dense_row(sh, k, m, first + t, h) * Dh;
+          for (int64_t d = 0; d < Dh; ++d) {
+            g.dk[dst + d] = static_cast<scalar_t>(scale * dkt[d * kKeyTile + t]);
+            g.dv[dst + d] = static_cast<scalar_t>(dvt[d * kKeyTile + t]);
+          }
         }
       }
     }
-    for (int64_t j = 0; j < P; ++j) {
-      const int64_t dst = (((chunk * sh.K + k) * P + j) * sh.H + h) * Dh;
-#pragma omp simd
-      for (int64_t d = 0; d < Dh; ++d) {
-        g.dkp_partial[dst + d] = scale * dkp[j * Dh + d];
-        g.dvp_partial[dst + d] = dvp[j * Dh + d];
+    for (int64_t tile = 0; tile < tiling.prefix_tiles; ++tile) {
+      const int64_t j0 = tiling.first_key(tile);
+      const acc_t* dkt = dkey_tiles + tile * tile_elems;
+      const acc_t* dvt = dvalue_tiles + tile * tile_elems;
+      for (int64_t t = 0; t < tiling.size(tile); ++t) {
+        const int64_t dst = (((chunk * sh.K + k) * P + j0 + t) * sh.H + h) * Dh;
+        for (int64_t d = 0; d < Dh; ++d) {
+          g.dkp_partial[dst + d] = scale * dkt[d * kKeyTile + t];
+          g.dvp_partial[dst + d] = dvt[d * kKeyTile + t];
+        }
       }
     }
   }
@@ -289,19 +412,18 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_forward_cpu(const at::Tensor
   const at::Tensor kp = unit_last_stride(kp_in), vp = unit_last_stride(vp_in);
   at::Tensor out = at::empty({sh.K, sh.M, sh.S, sh.H, sh.Dh}, q.options());
   at::Tensor lse = at::empty({sh.K, sh.M, sh.H, sh.S}, q.options());
-  const int64_t tasks = sh.K * sh.M * sh.H;
-  if (tasks == 0 || sh.S == 0 || sh.Dh == 0) return {out, lse};
+  if (sh.K * sh.M * sh.H == 0 || sh.S == 0 || sh.Dh == 0) return {out, lse};
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "prefix_attention_forward_cpu", [&] {
     using acc_t = scalar_t;  // float or double: the accumulation type is the input type
     const Inputs<scalar_t> in = make_inputs<scalar_t>(q, k, v, kp, vp, sh, scale);
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
     acc_t* lse_ptr = lse.data_ptr<acc_t>();
-    const int64_t work = std::max<int64_t>(1, sh.S * (sh.P + sh.S) * sh.Dh);
-    const int64_t grain = std::max<int64_t>(1, 16384 / work);
+    // about 8 sequences per task: the prefix tiles are transposed once per task
+    const TaskSplit split(sh, std::max<int64_t>(1, sh.K * sh.H * ((sh.M + 7) / 8)));
     const bool avx2 = cpu_has_avx2();
-    at::parallel_for(0, tasks, grain, [&](int64_t b, int64_t e) {
-      if (avx2) forward_tasks_avx2<scalar_t, acc_t>(in, out_ptr, lse_ptr, b, e);
-      else forward_tasks_baseline<scalar_t, acc_t>(in, out_ptr, lse_ptr, b, e);
+    at::parallel_for(0, split.n_chunks * sh.K * sh.H, 1, [&](int64_t b, int64_t e) {
+      if (avx2) forward_tasks_avx2<scalar_t, acc_t>(in, out_ptr, lse_ptr, split.m_chunk, b, e);
+      else forward_tasks_baseline<scalar_t, acc_t>(in, out_ptr, lse_ptr, split.m_chunk, b, e);
     });
   });
   return {out, lse};
@@ -337,10 +459,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
     return {dq, dk, dv, dkp, dvp};
   }
   // Enough (m-chunk, k, h) tasks to keep every thread busy; each chunk keeps its own prefix partial.
-  const int64_t threads = at::get_num_threads();
-  const int64_t chunks = std::min<int64_t>(sh.M, std::max<int64_t>(1, (4 * threads + sh.K * sh.H - 1) / (sh.K * sh.H)));
-  const int64_t m_chunk = (sh.M + chunks - 1) / chunks;
-  const int64_t n_chunks = (sh.M + m_chunk - 1) / m_chunk;
+  const TaskSplit split(sh, 4 * static_cast<int64_t>(at::get_num_threads()));
+  const int64_t m_chunk = split.m_chunk, n_chunks = split.n_chunks;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "prefix_attention_backward_cpu", [&] {
     using acc_t = scalar_t;
     at::Tensor partial = n_chunks == 1 ? at::Tensor() : at::empty({2, n_chunks, sh.K, sh.P, sh.H, sh.Dh}, q.options());
