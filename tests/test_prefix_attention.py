@@ -188,3 +188,178 @@ def test_eot_project_bad_inputs():
         ops.eot_project(x, eot, w, b, proj.t())
     with pytest.raises(ValueError, match="eps must be"):
         ops.eot_project(x, eot, w, b, proj, eps=0.0)
+
+
+# ------------------------------------------------------------------------------------- fused backends
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Kernels allocate their outputs filled with NaN: an element a kernel forgets to write fails."""
+    monkeypatch.setenv("GUIDG_FAST_POISON", "1")
+
+
+def _attn_shapes(backend):
+    return ATTN_SHAPES_SMALL if backend == "triton" else ATTN_SHAPES
+
+
+@pytest.mark.parametrize("backend", cpu_backends("prefix_attention"))
+@pytest.mark.parametrize("fused_qkv", [False, True], ids=["dense", "qkv_views"])
+def test_prefix_attention_fused_matches_eager(backend, fused_qkv, poison):
+    for shape in _attn_shapes(backend):
+        inputs = _attn_inputs(shape, fused_qkv=fused_qkv)
+        grad_out = torch.randn(inputs[0].shape)
+        with ops.use_backend(backend):
+            out, grads = _grads(ops.prefix_attention, inputs, grad_out)
+        want, want_grads = _grads(ops.prefix_attention_eager, inputs, grad_out)
+        assert_close(out, want, f"out {shape}")
+        for name, g, w in zip(NAMES, grads, want_grads):
+            assert_close(g, w, f"grad {name} {shape}")
+
+
+@pytest.mark.parametrize("backend", cpu_backends("prefix_attention"))
+def test_prefix_attention_fused_large_scores_and_scale(backend, poison):
+    shape = (1, 2, 5, 3, 2, 16)
+    inputs = [(t.detach() * 3).requires_grad_(True) for t in _attn_inputs(shape)]
+    grad_out = torch.randn(inputs[0].shape)
+    with ops.use_backend(backend):
+        out, grads = _grads(lambda *a: ops.prefix_attention(*a, scale=0.7), inputs, grad_out)
+    want, want_grads = _grads(lambda *a: ops.prefix_attention_eager(*a, scale=0.7), inputs, grad_out)
+    assert_close(out, want, "out")
+    for name, g, w in zip(NAMES, grads, want_grads):
+        assert_close(g, w, f"grad {name}")
+    # scores in the thousands: exp() overflows unless the running max is subtracted
+    huge = [t.detach() * 20 for t in inputs]
+    with ops.use_backend(backend):
+        out = ops.prefix_attention(*huge)
+    assert_close(out, ops.prefix_attention_eager(*[t.double() for t in huge]), "out (huge scores)")
+
+
+def test_prefix_attention_ext_float64_gradcheck():
+    if "ext" not in _backend.available("prefix_attention", "cpu"):
+        pytest.skip("guidg_fast._C has no prefix_attention kernel")
+    inputs = _attn_inputs((2, 2, 3, 2, 2, 5), torch.float64)
+    with ops.use_backend("ext"):
+        assert torch.autograd.gradcheck(ops.prefix_attention, inputs)
+
+
+def test_prefix_attention_opcheck():
+    if "ext" not in _backend.available("prefix_attention", "cpu"):
+        pytest.skip("guidg_fast._C has no prefix_attention kernel")
+    q, k, v, kp, vp = _attn_inputs((2, 3, 4, 2, 2, 8))
+    torch.library.opcheck(torch.ops.guidg_fast.fused_prefix_attention.default, (q, k, v, kp, vp, 0.3, "ext"))
+    q, k, v, kp, vp = (t.detach() for t in (q, k, v, kp, vp))
+    out, lse = torch.ops.guidg_fast.prefix_attention_forward(q, k, v, kp, vp, 0.3)
+    args = (torch.randn_like(out), q, k, v, kp, vp, out, lse, 0.3)
+    torch.library.opcheck(torch.ops.guidg_fast.fused_prefix_attention_backward.default, (*args, "ext"))
+    torch.library.opcheck(torch.ops.guidg_fast.prefix_attention_forward.default, (q, k, v, kp, vp, 0.3))
+    torch.library.opcheck(torch.ops.guidg_fast.prefix_attention_backward.default, args)
+
+
+@pytest.mark.parametrize("backend", cpu_backends("eot_project"))
+def test_eot_project_fused_matches_eager(backend, poison):
+    for shape in EOT_SHAPES:
+        (x, w, b, proj), eot = _eot_inputs(shape)
+        g = torch.randn(shape[0], shape[3])
+        inputs = [x, w, b, proj]
+        with ops.use_backend(backend):
+            out, grads = _grads(lambda x, w, b, p: ops.eot_project(x, eot, w, b, p), inputs, g)
+        want, want_grads = _grads(lambda x, w, b, p: ops.eot_project_eager(x, eot, w, b, p), inputs, g)
+        assert_close(out, want, f"out {shape}")
+        for name, a, e in zip(("x", "ln_weight", "ln_bias", "proj"), grads, want_grads):
+            assert_close(a, e, f"grad {name} {shape}")
+
+
+@pytest.mark.parametrize("backend", cpu_backends("eot_project"))
+def test_eot_project_fused_strided_x_and_int32_index(backend, poison):
+    N, S, W, D = 5, 7, 24, 6
+    base = torch.randn(S, N, W + 3)
+    x = base.transpose(0, 1)[:, :, :W].detach().requires_grad_(True)  # (N, S, W) non-contiguous
+    _, eot = _eot_inputs((N, S, W, D))
+    (_, w, b, proj), _ = _eot_inputs((N, S, W, D))
+    g = torch.randn(N, D)
+    with ops.use_backend(backend):
+        out, grads = _grads(lambda x, w, b, p: ops.eot_project(x, eot.int(), w, b, p, eps=1e-3), [x, w, b, proj], g)
+    want, want_grads = _grads(lambda x, w, b, p: ops.eot_project_eager(x, eot, w, b, p, eps=1e-3), [x, w, b, proj], g)
+    assert_close(out, want, "out")
+    for name, a, e in zip(("x", "ln_weight", "ln_bias", "proj"), grads, want_grads):
+        assert_close(a, e, f"grad {name}")
+
+
+def test_eot_project_ext_float64_gradcheck():
+    if "ext" not in _backend.available("eot_project", "cpu"):
+        pytest.skip("guidg_fast._C has no eot_project kernel")
+    (x, w, b, proj), eot = _eot_inputs((3, 4, 6, 5), torch.float64)
+    with ops.use_backend("ext"):
+        assert torch.autograd.gradcheck(lambda x, w, b, p: ops.eot_project(x, eot, w, b, p), (x, w, b, proj))
+
+
+def test_eot_project_opcheck():
+    if "ext" not in _backend.available("eot_project", "cpu"):
+        pytest.skip("guidg_fast._C has no eot_project kernel")
+    (x, w, b, proj), eot = _eot_inputs((4, 5, 16, 8))
+    torch.library.opcheck(torch.ops.guidg_fast.fused_eot_project.default, (x, eot, w, b, proj, 1e-5, "ext"))
+    x, w, b, proj = (t.detach() for t in (x, w, b, proj))
+    out, xhat, rstd, inv_norm = torch.ops.guidg_fast.eot_project_forward(x, eot, w, b, proj, 1e-5)
+    args = (torch.randn_like(out), out, inv_norm, xhat, rstd, eot, x, w, b, proj)
+    torch.library.opcheck(torch.ops.guidg_fast.fused_eot_project_backward.default, (*args, "ext"))
+    torch.library.opcheck(torch.ops.guidg_fast.eot_project_forward.default, (x, eot, w, b, proj, 1e-5))
+    torch.library.opcheck(torch.ops.guidg_fast.eot_project_backward.default, args)
+
+
+def test_ops_compile_without_graph_breaks():
+    """A text-tower tail (attention -> residual -> EOT projection) traces as one graph, forward and backward."""
+    backend = "ext" if "ext" in _backend.available("prefix_attention", "cpu") else None
+    if backend is None:
+        pytest.skip("no fused CPU backend here")
+    K, M, S, P, H, Dh = 2, 3, 4, 2, 2, 8
+    W = H * Dh
+    q, k, v, kp, vp = _attn_inputs((K, M, S, P, H, Dh))
+    (_, w, b, proj), eot = _eot_inputs((K * M, S, W, 6))
+
+    def step(q, k, v, kp, vp, w, b, proj):
+        att = ops.prefix_attention(q, k, v, kp, vp)
+        x = (att + q).reshape(K * M, S, W)
+        feats = ops.eot_project(x, eot, w, b, proj)
+        return feats.square().sum() + feats[:, 0].sum()
+
+    args = (q, k, v, kp, vp, w, b, proj)
+    with ops.use_backend(backend):
+        explanation = torch._dynamo.explain(step)(*args)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        torch._dynamo.reset()
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # inductor adds ~60 s of C++ codegen here
+        for t in args:
+            t.grad = None
+        compiled(*args).backward()
+        got = [t.grad.clone() for t in args]
+    for t in args:
+        t.grad = None
+    with ops.use_backend("eager"):
+        step(*args).backward()
+    for i, (g, e) in enumerate(zip(got, [t.grad for t in args])):
+        assert_close(g, e, f"grad {i}")
+
+
+@cuda_only
+def test_prefix_attention_and_eot_project_cuda():
+    for shape in ATTN_SHAPES:
+        inputs = _attn_inputs(shape, fused_qkv=True, device="cuda")
+        grad_out = torch.randn(inputs[0].shape, device="cuda")
+        for backend in [b for b in ("ext", "triton") if b in _backend.available("prefix_attention", "cuda")]:
+            with ops.use_backend(backend):
+                out, grads = _grads(ops.prefix_attention, inputs, grad_out)
+            want, want_grads = _grads(ops.prefix_attention_eager, inputs, grad_out)
+            assert_close(out, want, f"{backend} out {shape}", tol=1e-4)
+            for name, g, w in zip(NAMES, grads, want_grads):
+                assert_close(g, w, f"{backend} grad {name} {shape}", tol=1e-4)
+    for shape in EOT_SHAPES + [(600, 12, 512, 512)]:
+        (x, w, b, proj), eot = _eot_inputs(shape, device="cuda")
+        g = torch.randn(shape[0], shape[3], device="cuda")
+        for backend in [b for b in ("ext", "triton") if b in _backend.available("eot_project", "cuda")]:
+            with ops.use_backend(backend):
+                out, grads = _grads(lambda x, w, b, p: ops.eot_project(x, eot, w, b, p), [x, w, b, proj], g)
+            want, want_grads = _grads(lambda x, w, b, p: ops.eot_project_eager(x, eot, w, b, p), [x, w, b, proj], g)
+            assert_close(out, want, f"{backend} out {shape}", tol=1e-4)
+            for name, a, e in zip(("x", "ln_weight", "ln_bias", "proj"), grads, want_grads):
+                assert_close(a, e, f"{backend} grad {name} {shape}", tol=1e-4)

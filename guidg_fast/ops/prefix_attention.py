@@ -15,6 +15,7 @@ Backends:
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -95,14 +96,119 @@ def _prefix_attention_math(q, k, v, k_prefix, v_prefix, scale: float) -> torch.T
     return out.permute(0, 1, 3, 2, 4).to(q.dtype)
 
 
+# The dispatcher queries behind the choice are not traceable: torch.compile runs the choice once
+# while tracing and keeps its result as a constant of the graph.
+@torch._dynamo.assume_constant_result
+def _choose_backend(device: torch.device) -> str:
+    return _backend.choose("prefix_attention", device)
+
+
 def prefix_attention(q, k, v, k_prefix, v_prefix, scale=None) -> torch.Tensor:
     """(K, M, S, H, Dh): causal attention of each suffix over its expert's shared prefix and itself."""
     scale = _check_prefix_attention(q, k, v, k_prefix, v_prefix, scale)
-    backend = _backend.choose("prefix_attention", q.device)
+    backend = _choose_backend(q.device)
     if backend == "eager":
         return _prefix_attention_math(q, k, v, k_prefix, v_prefix, scale)
     return _fused(q, k, v, k_prefix, v_prefix, scale, backend)
 
 
 def _fused(q, k, v, k_prefix, v_prefix, scale, backend):
-    raise NotImplementedError  # replaced by the torch.library path below once the kernels exist
+    dtype = q.dtype
+    # ext on CPU runs float32 and float64; CUDA kernels and Triton run float32 (fp32 accumulation)
+    compute = dtype if (dtype == torch.float64 and backend == "ext" and q.device.type == "cpu") else torch.float32
+    if dtype != compute:
+        q, k, v, k_prefix, v_prefix = (t.to(compute) for t in (q, k, v, k_prefix, v_prefix))
+    out, _ = torch.ops.guidg_fast.fused_prefix_attention(q, k, v, k_prefix, v_prefix, scale, backend)
+    return out.to(dtype)
+
+
+def _poison() -> bool:
+    return os.environ.get("GUIDG_FAST_POISON") == "1"
+
+
+def _kernels():
+    from ..kernels import prefix_attention as kernels  # imported late: TRITON_INTERPRET is read at import
+
+    return kernels
+
+
+def _forward_impl(q, k, v, k_prefix, v_prefix, scale, backend):
+    if backend == "ext":
+        return torch.ops.guidg_fast.prefix_attention_forward(q, k, v, k_prefix, v_prefix, scale)
+    if backend == "triton":
+        return _kernels().prefix_attention_forward(q, k, v, k_prefix, v_prefix, scale, poison=_poison())
+    raise ValueError(f"backend must be 'ext' or 'triton' for the fused prefix_attention, got {backend!r}")
+
+
+def _backward_impl(grad_out, q, k, v, k_prefix, v_prefix, out, lse, scale, backend):
+    if backend == "ext":
+        return torch.ops.guidg_fast.prefix_attention_backward(grad_out, q, k, v, k_prefix, v_prefix, out, lse, scale)
+    if backend == "triton":
+        return _kernels().prefix_attention_backward(
+            grad_out, q, k, v, k_prefix, v_prefix, out, lse, scale, poison=_poison()
+        )
+    raise ValueError(f"backend must be 'ext' or 'triton' for the fused prefix_attention, got {backend!r}")
+
+
+@torch.library.custom_op("guidg_fast::fused_prefix_attention", mutates_args=())
+def fused_prefix_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor,
+    scale: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (K, M, S, H, Dh), lse (K, M, H, S)) from the ``backend`` kernels; lse carries no gradient."""
+    return _forward_impl(q, k, v, k_prefix, v_prefix, scale, backend)
+
+
+@fused_prefix_attention.register_fake
+def _(q, k, v, k_prefix, v_prefix, scale, backend):
+    K, M, S, H, Dh = q.shape
+    return q.new_empty((K, M, S, H, Dh)), q.new_empty((K, M, H, S))
+
+
+@torch.library.custom_op("guidg_fast::fused_prefix_attention_backward", mutates_args=())
+def fused_prefix_attention_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_prefix: torch.Tensor,
+    v_prefix: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dk_prefix, dv_prefix); the prefix gradients are summed over the M sequences."""
+    return tuple(_backward_impl(grad_out, q, k, v, k_prefix, v_prefix, out, lse, scale, backend))
+
+
+@fused_prefix_attention_backward.register_fake
+def _(grad_out, q, k, v, k_prefix, v_prefix, out, lse, scale, backend):
+    return (
+        q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape),
+        q.new_empty(k_prefix.shape), q.new_empty(k_prefix.shape),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, k_prefix, v_prefix, scale, backend = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, k_prefix, v_prefix, out, lse)
+    ctx.scale, ctx.backend = scale, backend
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, k_prefix, v_prefix, out, lse = ctx.saved_tensors
+    grads = fused_prefix_attention_backward(grad_out, q, k, v, k_prefix, v_prefix, out, lse, ctx.scale, ctx.backend)
+    return (*grads, None, None)
+
+
+fused_prefix_attention.register_autograd(_backward, setup_context=_setup_context)
+
+if _backend.ext_has_kernels(SPEC.ext_ops, "cpu"):
+    # fake kernels of the raw C++ operators, so they can be traced and opchecked on their own too
+
+    @torch.library.register_fake("guidg_fast::prefix_attention_forward")
+    def _(q, k, v, k_prefix, v_prefix, scale):
+        K, M, S, H, Dh = q.shape
+        return q.new_empty((K, M, S, H, Dh)), q.new_empty((K, M, H, S))
+
+    @torch.library.register_fake("guidg_fast::prefix_attention_backward")
+    def _(grad_out, q, k, v, k_prefix, v_prefix, out, lse, scale):
+        return (
+            q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape),
+            q.new_empty(k_prefix.shape), q.new_empty(k_prefix.shape),
+        )
