@@ -202,6 +202,7 @@ class _Plan:
     token_rows: torch.Tensor  # (T,) bank row of each packed suffix token
     token_positions: torch.Tensor  # (T,) position of each packed suffix token
     groups: list  # (first packed token, classes in group, suffix length S) per group
+    group_sizes: list  # packed tokens per group (K * classes * S)
     eot_tokens: torch.Tensor  # (K*C,) packed token of each EOT, in packed (group, k, class) order
     output_order: torch.Tensor  # (K*C,) packed EOT of (k, c), row-major over (K, C)
 
@@ -261,6 +262,7 @@ def _build_plan(learner, device) -> _Plan:
         token_rows=torch.cat(token_rows).to(**to),
         token_positions=torch.cat(token_positions).to(**to),
         groups=groups,
+        group_sizes=[K * Cg * S for _, Cg, S in groups],
         eot_tokens=torch.cat(eot_tokens).to(**to),
         output_order=output_order.to(**to),
     )
@@ -338,12 +340,13 @@ def shared_prefix_encode(model, learner) -> torch.Tensor:
     for i, blk in enumerate(blocks):
         q, k, v = blk.qkv(x)  # (T, H, Dh)
         kp, vp = prefix_kv[i]
+        # split (not slicing): its backward is one cat, where each slice's would be a full-size zero fill
+        sizes = plan.group_sizes
         outs = []
-        for start, Cg, S in plan.groups:
+        for (_, Cg, S), qg, kg, vg in zip(plan.groups, q.split(sizes), k.split(sizes), v.split(sizes)):
             shape = (K, Cg, S, blk.heads, blk.head_dim)
-            sl = slice(start, start + K * Cg * S)
-            o = ops.prefix_attention(q[sl].view(shape), k[sl].view(shape), v[sl].view(shape), kp, vp, scale=blk.scale)
-            outs.append(o.reshape(K * Cg * S, blk.heads, blk.head_dim))
+            o = ops.prefix_attention(qg.view(shape), kg.view(shape), vg.view(shape), kp, vp, scale=blk.scale)
+            outs.append(o.view(K * Cg * S, blk.heads, blk.head_dim))
         o = outs[0] if len(outs) == 1 else torch.cat(outs)
         if i == last:  # only the EOT rows feed the output
             x, o = x.index_select(0, plan.eot_tokens), o.index_select(0, plan.eot_tokens)
