@@ -346,7 +346,7 @@ def shared_prefix_encode(model, learner) -> torch.Tensor:
         for (_, Cg, S), qg, kg, vg in zip(plan.groups, q.split(sizes), k.split(sizes), v.split(sizes)):
             shape = (K, Cg, S, blk.heads, blk.head_dim)
             o = ops.prefix_attention(qg.view(shape), kg.view(shape), vg.view(shape), kp, vp, scale=blk.scale)
-            outs.append(o.view(K * Cg * S, blk.heads, blk.head_dim))
+            outs.append(o.reshape(K * Cg * S, blk.heads, blk.head_dim))
         o = outs[0] if len(outs) == 1 else torch.cat(outs)
         if i == last:  # only the EOT rows feed the output
             x, o = x.index_select(0, plan.eot_tokens), o.index_select(0, plan.eot_tokens)
