@@ -40,6 +40,15 @@ class CountingModel(torch.nn.Module):
         return self.inner.encode_image(x, normalize=normalize)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small ops only: one intra-op thread avoids thread hand-offs on a loaded 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def model(tiny_clip):
     import copy

@@ -28,6 +28,18 @@ VIT_CLASSES = [
 BACKENDS = [pytest.param("algorithm", id="algorithm")] + cpu_backends("encode_expert_prompts")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These tests are thousands of small ops: one intra-op thread avoids thread hand-offs that
+    dominate on a loaded 2-core machine (the shared-CPU CI box)."""
+    import os
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("GF_TEXT_TEST_THREADS", "1")))
+    yield
+    torch.set_num_threads(previous)
+
+
 def _run(model, learner, backend):
     """(features, ctx grad) of the fast pass under ``backend``; checks the fast path really ran."""
     calls = {"prefix_attention": 0}
