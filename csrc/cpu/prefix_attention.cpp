@@ -16,6 +16,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -479,6 +482,17 @@ void backward_tasks_baseline(const Inputs<T>& in, const Grads<T>& g, int64_t b, 
 
 // ----------------------------------------------------------------------------------------- launchers
 
+// GUIDG_FAST_POISON=1 (tests): outputs start as NaN, so an element a kernel forgets to write shows.
+bool poison_outputs() {
+  const char* flag = std::getenv("GUIDG_FAST_POISON");
+  return flag != nullptr && std::strcmp(flag, "1") == 0;
+}
+
+at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options) {
+  return poison_outputs() ? at::full(shape, std::numeric_limits<double>::quiet_NaN(), options)
+                          : at::empty(shape, options);
+}
+
 // The kernels index the last (Dh) dimension with stride 1; any other stride layout is read as is.
 at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
@@ -523,8 +537,8 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_forward_cpu(const at::Tensor
               "prefix_attention_forward (CPU kernel): q must be float32 or float64, got ", q_in.scalar_type());
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   const at::Tensor kp = unit_last_stride(kp_in), vp = unit_last_stride(vp_in);
-  at::Tensor out = at::empty({sh.K, sh.M, sh.S, sh.H, sh.Dh}, q.options());
-  at::Tensor lse = at::empty({sh.K, sh.M, sh.H, sh.S}, q.options());
+  at::Tensor out = new_output({sh.K, sh.M, sh.S, sh.H, sh.Dh}, q.options());
+  at::Tensor lse = new_output({sh.K, sh.M, sh.H, sh.S}, q.options());
   if (sh.K * sh.M * sh.H == 0 || sh.S == 0 || sh.Dh == 0) return {out, lse};
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "prefix_attention_forward_cpu", [&] {
     using acc_t = scalar_t;  // float or double: the accumulation type is the input type
@@ -563,9 +577,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   const at::Tensor kp = unit_last_stride(kp_in), vp = unit_last_stride(vp_in);
   const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
-  at::Tensor dq = at::empty_like(grad_out), dk = at::empty_like(grad_out), dv = at::empty_like(grad_out);
-  at::Tensor dkp = at::empty({sh.K, sh.P, sh.H, sh.Dh}, q.options());
-  at::Tensor dvp = at::empty_like(dkp);
+  at::Tensor dq = new_output(q.sizes(), q.options()), dk = new_output(q.sizes(), q.options());
+  at::Tensor dv = new_output(q.sizes(), q.options());
+  at::Tensor dkp = new_output({sh.K, sh.P, sh.H, sh.Dh}, q.options());
+  at::Tensor dvp = new_output({sh.K, sh.P, sh.H, sh.Dh}, q.options());
   if (sh.K * sh.M * sh.H * sh.S * sh.Dh == 0) {
     dkp.zero_();
     dvp.zero_();
@@ -576,7 +591,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
   const int64_t m_chunk = split.m_chunk, n_chunks = split.n_chunks;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "prefix_attention_backward_cpu", [&] {
     using acc_t = scalar_t;
-    at::Tensor partial = n_chunks == 1 ? at::Tensor() : at::empty({2, n_chunks, sh.K, sh.P, sh.H, sh.Dh}, q.options());
+    at::Tensor partial = n_chunks == 1 ? at::Tensor() : new_output({2, n_chunks, sh.K, sh.P, sh.H, sh.Dh}, q.options());
     const Inputs<scalar_t> in = make_inputs<scalar_t>(q, k, v, kp, vp, sh, scale);
     Grads<scalar_t> g{grad_out.data_ptr<scalar_t>(),
                              out.data_ptr<scalar_t>(),
