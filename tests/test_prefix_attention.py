@@ -21,7 +21,7 @@ ATTN_SHAPES = [
     (1, 2, 19, 2, 1, 33),
 ]
 # small shapes for the Triton interpreter
-ATTN_SHAPES_SMALL = [(2, 3, 5, 4, 2, 24), (1, 1, 1, 1, 1, 64), (1, 2, 17, 3, 1, 16)]
+ATTN_SHAPES_SMALL = [(2, 3, 5, 4, 2, 24), (1, 1, 1, 1, 1, 64), (1, 2, 17, 18, 1, 16)]  # 2 key tiles each side
 
 
 def _attn_inputs(shape, dtype=torch.float32, fused_qkv=False, device="cpu"):
@@ -233,6 +233,17 @@ def test_prefix_attention_fused_large_scores_and_scale(backend, poison):
     with ops.use_backend(backend):
         out = ops.prefix_attention(*huge)
     assert_close(out, ops.prefix_attention_eager(*[t.double() for t in huge]), "out (huge scores)")
+
+
+@pytest.mark.parametrize("backend", cpu_backends("prefix_attention"))
+def test_prefix_attention_fused_bf16_inputs(backend):
+    inputs = _attn_inputs((1, 2, 3, 2, 2, 16), torch.bfloat16)
+    with ops.use_backend(backend):
+        out = ops.prefix_attention(*inputs)
+        out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and inputs[3].grad.dtype == torch.bfloat16
+    want = ops.prefix_attention_eager(*[t.detach().double() for t in inputs])
+    assert_close(out.float(), want, "out", tol=2e-2)
 
 
 def test_prefix_attention_ext_float64_gradcheck():

@@ -22,7 +22,7 @@ from .. import _checks
 from . import _backend
 
 SPEC = _backend.register(
-    _backend.OpSpec("eot_project", ext_ops=("eot_project_forward", "eot_project_backward"), triton=False)
+    _backend.OpSpec("eot_project", ext_ops=("eot_project_forward", "eot_project_backward"), triton=True)
 )
 
 

@@ -26,7 +26,7 @@ SPEC = _backend.register(
     _backend.OpSpec(
         "prefix_attention",
         ext_ops=("prefix_attention_forward", "prefix_attention_backward"),
-        triton=False,
+        triton=True,
     )
 )
 
