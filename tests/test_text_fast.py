@@ -201,12 +201,21 @@ def test_tiny_parity_ctx_init_and_one_class(tiny, backend):
         dict(proj_bias=True),
         dict(proj_type="none"),
         dict(heads=4, mlp_ratio=2.0),
+        dict(linear_projection=True),
     ],
-    ids=["custom-all", "custom-plain", "layerscale-quickgelu", "proj-bias", "no-proj", "4heads"],
+    ids=["custom-all", "custom-plain", "layerscale-quickgelu", "proj-bias", "no-proj", "4heads", "linear-proj"],
 )
 def test_tower_variants(tiny_clip, overrides):
     _, _, tokenizer = tiny_clip
+    overrides = dict(overrides)
+    linear_projection = overrides.pop("linear_projection", False)
     model = _tiny_variant(**overrides)
+    if linear_projection:  # an nn.Linear projection without bias goes through eot_project as weight.t()
+        width, dim = model.text_projection.shape
+        linear = torch.nn.Linear(width, dim, bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(model.text_projection.t())
+        model.text_projection = linear.requires_grad_(False)
     assert text.fast_path_unsupported_reason(model) is None
     learner = gf.ExpertPromptLearner(model, tokenizer, TINY_CLASSES, num_experts=2, n_ctx=3)
     out, grad, grad_out = _run(model, learner, "algorithm")
