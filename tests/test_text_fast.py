@@ -215,6 +215,7 @@ def test_tower_variants(tiny_clip, overrides):
         linear = torch.nn.Linear(width, dim, bias=False)
         with torch.no_grad():
             linear.weight.copy_(model.text_projection.t())
+        del model.text_projection
         model.text_projection = linear.requires_grad_(False)
     assert text.fast_path_unsupported_reason(model) is None
     learner = gf.ExpertPromptLearner(model, tokenizer, TINY_CLASSES, num_experts=2, n_ctx=3)
