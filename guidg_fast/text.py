@@ -142,12 +142,6 @@ class _Block:
     heads: int
     head_dim: int
     scale: float
-    w_q: torch.Tensor
-    w_k: torch.Tensor
-    w_v: torch.Tensor
-    b_q: torch.Tensor | None
-    b_k: torch.Tensor | None
-    b_v: torch.Tensor | None
 
     @classmethod
     def wrap(cls, block: nn.Module) -> "_Block":
@@ -157,20 +151,20 @@ class _Block:
         heads = attn.num_heads
         head_dim = width // heads
         scale = float(attn.scale) if custom else head_dim ** -0.5
-        w_q, w_k, w_v = attn.in_proj_weight.split(width, dim=0)  # row slices: contiguous views
-        bias = attn.in_proj_bias
-        b_q, b_k, b_v = bias.split(width, dim=0) if bias is not None else (None, None, None)
-        return cls(block, custom, heads, head_dim, scale, w_q, w_k, w_v, b_q, b_k, b_v)
+        return cls(block, custom, heads, head_dim, scale)
 
     def qkv(self, x: torch.Tensor):
-        """ln_1 and the QKV projection of tokens x (..., W) -> q, k, v (..., H, Dh), contiguous."""
+        """ln_1 and the QKV projection of tokens x (..., W) -> q, k, v (..., H, Dh).
+
+        One GEMM for all three; q, k, v are strided views of its output (the attention kernels
+        take any strides with a unit last stride).
+        """
+        attn = self.block.attn
         h = self.block.ln_1(x)
-        shape = x.shape[:-1] + (self.heads, self.head_dim)
-        q = F.linear(h, self.w_q, self.b_q).view(shape)
-        k = F.linear(h, self.w_k, self.b_k).view(shape)
-        v = F.linear(h, self.w_v, self.b_v).view(shape)
+        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
+        q, k, v = qkv.view(x.shape[:-1] + (3, self.heads, self.head_dim)).unbind(-3)
         if self.custom:  # qk_norm (Identity when off) acts per head on the last dim
-            q, k = self.block.attn.ln_q(q), self.block.attn.ln_k(k)
+            q, k = attn.ln_q(q), attn.ln_k(k)
         return q, k, v
 
     def attention_residual(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
