@@ -192,6 +192,7 @@ class _Block:
 class _Plan:
     P: int  # shared prefix length
     suffix_columns: int  # token_suffix columns any suffix reads
+    suffix_reads_context: bool  # whether any suffix token is a context token
     prefix_rows: torch.Tensor  # (K, P) rows of the token bank
     token_rows: torch.Tensor  # (T,) bank row of each packed suffix token
     token_positions: torch.Tensor  # (T,) position of each packed suffix token
@@ -252,6 +253,7 @@ def _build_plan(learner, device) -> _Plan:
     return _Plan(
         P=P,
         suffix_columns=suffix_columns,
+        suffix_reads_context=bool((torch.cat(token_rows) >= ctx_base).any()),
         prefix_rows=prefix_rows.to(**to),
         token_rows=torch.cat(token_rows).to(**to),
         token_positions=torch.cat(token_positions).to(**to),
@@ -308,11 +310,8 @@ def shared_prefix_encode(model, learner) -> torch.Tensor:
     prefix_buf = learner.token_prefix
     if not torch.equal(prefix_buf, prefix_buf[:1].expand_as(prefix_buf)):
         raise ValueError("learner.token_prefix rows differ between classes: the SOS prefix is not shared")
-    bank = torch.cat([
-        prefix_buf[:, 0],
-        learner.token_suffix[:, : plan.suffix_columns].reshape(-1, W),
-        ctx.reshape(-1, W),
-    ])
+    frozen = torch.cat([prefix_buf[:, 0], learner.token_suffix[:, : plan.suffix_columns].reshape(-1, W)])
+    bank = torch.cat([frozen, ctx.reshape(-1, W)])  # rows: SOS per class, suffix tokens, context tokens
     pos = tower.positional_embedding.to(bank.dtype)
 
     # prefix pass: K sequences of P tokens, causal; keeps every layer's keys/values
@@ -328,8 +327,11 @@ def shared_prefix_encode(model, learner) -> torch.Tensor:
         ).transpose(1, 2)
         xp = blk.mlp_residual(blk.attention_residual(xp, o))
 
-    # suffix pass: all groups of all experts packed in one (T, W) token matrix
-    x = bank.index_select(0, plan.token_rows) + pos.index_select(0, plan.token_positions)
+    # suffix pass: all groups of all experts packed in one (T, W) token matrix. Suffixes without
+    # context tokens (``end``, generic ctx) read only frozen rows: gathering them from the frozen
+    # part of the bank keeps autograd from back-propagating into those inputs at all.
+    source = bank if plan.suffix_reads_context else frozen
+    x = source.index_select(0, plan.token_rows) + pos.index_select(0, plan.token_positions)
     last = len(blocks) - 1
     for i, blk in enumerate(blocks):
         q, k, v = blk.qkv(x)  # (T, H, Dh)

@@ -56,7 +56,8 @@ def text_pass_flops(arch: str, C: int, K: int, n_ctx: int = 16, backward: bool =
 
     Dense layers: 2 * rows * in * out; attention: 4 * W per (query, visible key) pair (QK^T and PV
     over all heads). Backward with frozen weights computes input gradients only: the dense part
-    once more, attention twice more (dQ, dK, dV, dP). Element-wise work is not counted.
+    once more (less layer 0's QKV, whose suffix inputs are frozen), attention twice more (dQ, dK,
+    dV, dP). Element-wise work is not counted.
     """
     import open_clip
 
@@ -80,4 +81,6 @@ def text_pass_flops(arch: str, C: int, K: int, n_ctx: int = 16, backward: bool =
     head = N * 2 * W * D
     if not backward:
         return float(dense + attention + head)
-    return float(2 * dense + 3 * attention + 2 * head)
+    # with a generic context at the end the suffix inputs are frozen: no input gradient of layer 0's QKV
+    dense_backward = dense - T * qkv
+    return float(dense + dense_backward + 3 * attention + 2 * head)
