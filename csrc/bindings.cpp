@@ -31,6 +31,17 @@ TORCH_LIBRARY(guidg_fast, m) {
   // --- ensemble_logits ---
 
   // --- prefix_attention ---
+  // Causal attention of M suffixes per expert over the expert's shared prefix (flash style).
+  // q, k, v (K, M, S, H, Dh) (any strides, Dh stride 1 preferred); k_prefix, v_prefix (K, P, H, Dh).
+  // Returns out (K, M, S, H, Dh) and the log-sum-exp of each query's scaled scores, lse (K, M, H, S).
+  m.def("prefix_attention_forward(Tensor q, Tensor k, Tensor v, Tensor k_prefix, Tensor v_prefix, float scale) -> (Tensor, Tensor)");
+  // Returns dq, dk, dv (K, M, S, H, Dh) and dk_prefix, dv_prefix (K, P, H, Dh), summed over the M sequences.
+  m.def("prefix_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor k_prefix, Tensor v_prefix, Tensor out, Tensor lse, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // --- eot_project ---
+  // normalize(layer_norm(x[n, eot_index[n]]) @ proj): returns out (N, D), xhat (N, W) (normalised EOT
+  // rows before the affine), rstd (N,), inv_norm (N,) = 1 / |z|; the last three are saved for backward.
+  m.def("eot_project_forward(Tensor x, Tensor eot_index, Tensor ln_weight, Tensor ln_bias, Tensor proj, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Returns dx (N, S, W) (zero except the EOT rows), d ln_weight, d ln_bias, d proj.
+  m.def("eot_project_backward(Tensor grad_out, Tensor out, Tensor inv_norm, Tensor xhat, Tensor rstd, Tensor eot_index, Tensor x, Tensor ln_weight, Tensor ln_bias, Tensor proj) -> (Tensor, Tensor, Tensor, Tensor)");
 }

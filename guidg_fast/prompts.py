@@ -128,6 +128,57 @@ class ExpertPromptLearner(nn.Module):
             rows.append(torch.cat(parts, dim=1))
         return torch.cat(rows, dim=0)
 
+    def prompt_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each token of the full-length prompts comes from, without building them.
+
+        Returns ``(source, index)``, two int64 tensors of shape (C, L): ``prompts(k)[c, t]`` is
+        ``token_prefix[c, index]`` when ``source[c, t] == PREFIX``, ``token_suffix[c, index]`` when
+        it is ``SUFFIX``, and ``expert_context(k)[c, index]`` (row ``index`` of expert k's context)
+        when it is ``CONTEXT``. Same layout as ``prompts`` (official PromptLearner), for every expert.
+        """
+        C, L, n = self.num_classes, self.tokenized_prompts.shape[1], self.n_ctx
+        device = self.tokenized_prompts.device
+        t = torch.arange(L, device=device).unsqueeze(0).expand(C, L)
+        name_len = torch.tensor(self.name_lens, dtype=torch.int64, device=device).unsqueeze(1)
+        # clamp as slicing does when a name fills the suffix (only with over-long, truncated prompts)
+        name_len = name_len.clamp(max=self.token_suffix.shape[1])
+        source = torch.full((C, L), self.SUFFIX, dtype=torch.int64, device=device)
+        index = t - 1 - n  # suffix rows after the context and the class tokens, in every position
+        source[:, 0], index[:, 0] = self.PREFIX, 0
+        if self.class_token_position == "end":
+            in_ctx = (t >= 1) & (t <= n)
+            ctx_index = t - 1
+        elif self.class_token_position == "middle":
+            half = n // 2
+            first = (t >= 1) & (t <= half)
+            in_class = (t > half) & (t <= half + name_len)
+            second = (t > half + name_len) & (t <= n + name_len)
+            in_ctx = first | second
+            ctx_index = torch.where(first, t - 1, t - 1 - name_len)
+            index = torch.where(in_class, t - 1 - half, index)
+        else:  # front
+            in_class = (t >= 1) & (t <= name_len)
+            in_ctx = (t > name_len) & (t <= n + name_len)
+            ctx_index = t - 1 - name_len
+            index = torch.where(in_class, t - 1, index)
+        source = torch.where(in_ctx, torch.full_like(source, self.CONTEXT), source)
+        index = torch.where(in_ctx, ctx_index, index)
+        return source, index
+
+    def shared_prefix_length(self) -> int:
+        """P: leading prompt tokens equal for every class of one expert (SOS + any context before the class).
+
+        ``end`` with a generic context: [SOS, ctx] (1 + n_ctx); ``middle``: SOS + first half of ctx;
+        ``front`` and class-specific contexts: SOS only.
+        """
+        if self.class_specific or self.class_token_position == "front":
+            return 1
+        if self.class_token_position == "middle":
+            return 1 + self.n_ctx // 2
+        return 1 + self.n_ctx
+
+    PREFIX, SUFFIX, CONTEXT = 0, 1, 2
+
     def extra_repr(self) -> str:
         return (
             f"experts={self.num_experts}, classes={self.num_classes}, n_ctx={self.n_ctx}, "

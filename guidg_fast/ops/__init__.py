@@ -4,6 +4,8 @@ from .bma_update import bma_update_
 from .cmattn import cross_modal_attention
 from .ensemble_logits import ensemble_logits
 from .multi_expert_loss import multi_expert_loss
+from .prefix_attention import prefix_attention, prefix_attention_eager
+from .eot_project import eot_project, eot_project_eager
 
 
 __all__ = [
@@ -13,7 +15,11 @@ __all__ = [
     "cross_modal_attention",
     "describe",
     "ensemble_logits",
+    "eot_project",
+    "eot_project_eager",
     "extension_status",
     "multi_expert_loss",
+    "prefix_attention",
+    "prefix_attention_eager",
     "use_backend",
 ]

@@ -1,0 +1,639 @@
+// CPU launchers of prefix_attention (shared-prefix causal attention), forward and backward.
+//
+// Both passes run at::parallel_for over tasks (m-chunk, k), all heads inside a task. Keys are processed in tiles of
+// kKeyTile keys stored transposed (Dh x kKeyTile), and queries in blocks of kQueryBlock, so every
+// inner product is a register-blocked micro-kernel (kQueryBlock x kKeyTile accumulators, no
+// horizontal sums). Each query keeps an online softmax over the tiles (forward) or recomputes its
+// probabilities from the saved lse (backward): no (S, P + S) score tensor exists, only one
+// kQueryBlock x kKeyTile block of scores at a time. A backward task owns the suffix key/value
+// gradients of its sequences outright and sums the prefix key/value gradients of expert k over its
+// m-chunk in private accumulators; the chunk partials are reduced in a fixed order afterwards
+// (deterministic, no data races). The CPU kernels compute in the input type (float32 / float64).
+// On x86 the hot loops are compiled twice, for AVX2+FMA and for the baseline ISA, picked at run time.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "prefix_attention.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define GF_HAVE_AVX2_CLONE 1
+#define GF_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define GF_HAVE_AVX2_CLONE 0
+#define GF_TARGET_AVX2
+#endif
+#define GF_ALWAYS_INLINE __attribute__((always_inline)) inline
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vectors in always-inline helpers: no ABI is crossed
+#endif
+
+namespace guidg_fast {
+namespace {
+
+constexpr int kKeyTile = 16;
+constexpr int kQueryBlock = 4;
+
+// 32-byte vectors through the GCC / clang vector extension: ymm registers in the AVX2 clone, pairs
+// of xmm registers in the baseline one.
+template <typename T>
+struct Simd {
+  typedef T vec __attribute__((vector_size(32)));
+  typedef T unaligned_vec __attribute__((vector_size(32), aligned(alignof(T))));
+  static constexpr int lanes = 32 / sizeof(T);
+  static constexpr int per_tile = kKeyTile / lanes;  // vectors per row of a transposed tile
+  static GF_ALWAYS_INLINE vec load(const T* p) { return *reinterpret_cast<const unaligned_vec*>(p); }
+  static GF_ALWAYS_INLINE void store(T* p, vec v) { *reinterpret_cast<unaligned_vec*>(p) = v; }
+  static GF_ALWAYS_INLINE vec splat(T x) { return vec{} + x; }
+};
+
+template <typename T>
+using Block = T[kQueryBlock][kKeyTile];
+
+template <typename T>
+GF_ALWAYS_INLINE T dot(const T* a, const T* b, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// out[i][t] = <x_i, column t of the transposed tile> for the kQueryBlock rows x_i (row stride Dh)
+template <typename T>
+GF_ALWAYS_INLINE void block_tile_dots(const T* x, const T* tile, int64_t Dh, Block<T>& out) {
+  using V = Simd<T>;
+  typename V::vec acc[kQueryBlock][V::per_tile] = {};
+  for (int64_t d = 0; d < Dh; ++d) {
+    typename V::vec col[V::per_tile];
+    for (int v = 0; v < V::per_tile; ++v) col[v] = V::load(tile + d * kKeyTile + v * V::lanes);
+    for (int i = 0; i < kQueryBlock; ++i) {
+      const typename V::vec xd = V::splat(x[i * Dh + d]);
+      for (int v = 0; v < V::per_tile; ++v) acc[i][v] += xd * col[v];
+    }
+  }
+  for (int i = 0; i < kQueryBlock; ++i)
+    for (int v = 0; v < V::per_tile; ++v) V::store(&out[i][v * V::lanes], acc[i][v]);
+}
+
+// acc_i[d] += sum_{t < n} w[i][t] * rows[t][d] for the kQueryBlock rows acc_i (row stride Dh):
+// softmax(scores) @ V in the forward, dS @ K in the backward
+template <typename T>
+GF_ALWAYS_INLINE void block_combine_rows(T* acc, const Block<T>& w, const T* const* rows, int64_t n, int64_t Dh) {
+  using V = Simd<T>;
+  int64_t d0 = 0;
+  for (; d0 + V::lanes <= Dh; d0 += V::lanes) {
+    typename V::vec a[kQueryBlock];
+    for (int i = 0; i < kQueryBlock; ++i) a[i] = V::load(acc + i * Dh + d0);
+    for (int64_t t = 0; t < n; ++t) {
+      const typename V::vec r = V::load(rows[t] + d0);
+      for (int i = 0; i < kQueryBlock; ++i) a[i] += V::splat(w[i][t]) * r;
+    }
+    for (int i = 0; i < kQueryBlock; ++i) V::store(acc + i * Dh + d0, a[i]);
+  }
+  for (; d0 < Dh; ++d0) {
+    for (int64_t t = 0; t < n; ++t) {
+      const T r = rows[t][d0];
+      for (int i = 0; i < kQueryBlock; ++i) acc[i * Dh + d0] += w[i][t] * r;
+    }
+  }
+}
+
+// tile[d][t] += sum_i x_i[d] * w[i][t]: dK = dS^T Q and dV = P^T dO, accumulated transposed
+template <typename T>
+GF_ALWAYS_INLINE void block_tile_outer_add(const T* x, const Block<T>& w, int64_t Dh, T* tile) {
+  using V = Simd<T>;
+  typename V::vec wv[kQueryBlock][V::per_tile];
+  for (int i = 0; i < kQueryBlock; ++i)
+    for (int v = 0; v < V::per_tile; ++v) wv[i][v] = V::load(&w[i][v * V::lanes]);
+  for (int64_t d = 0; d < Dh; ++d) {
+    typename V::vec col[V::per_tile];
+    for (int v = 0; v < V::per_tile; ++v) col[v] = V::load(tile + d * kKeyTile + v * V::lanes);
+    for (int i = 0; i < kQueryBlock; ++i) {
+      const typename V::vec xd = V::splat(x[i * Dh + d]);
+      for (int v = 0; v < V::per_tile; ++v) col[v] += xd * wv[i][v];
+    }
+    for (int v = 0; v < V::per_tile; ++v) V::store(tile + d * kKeyTile + v * V::lanes, col[v]);
+  }
+}
+
+template <typename scalar_t>
+struct Inputs {
+  const scalar_t* q;
+  const scalar_t* k;
+  const scalar_t* v;
+  const scalar_t* kp;
+  const scalar_t* vp;
+  SuffixStrides sq, sk, sv;
+  PrefixStrides skp, svp;
+  PrefixAttentionShape shape;
+  double scale;
+};
+
+template <typename scalar_t>
+GF_ALWAYS_INLINE const scalar_t* key_ptr(const Inputs<scalar_t>& in, int64_t k, int64_t m, int64_t h, int64_t j) {
+  const int64_t P = in.shape.P;
+  return j < P ? in.kp + prefix_offset(in.skp, k, j, h) : in.k + suffix_offset(in.sk, k, m, j - P, h);
+}
+template <typename scalar_t>
+GF_ALWAYS_INLINE const scalar_t* value_ptr(const Inputs<scalar_t>& in, int64_t k, int64_t m, int64_t h, int64_t j) {
+  const int64_t P = in.shape.P;
+  return j < P ? in.vp + prefix_offset(in.svp, k, j, h) : in.v + suffix_offset(in.sv, k, m, j - P, h);
+}
+
+// Tiles never straddle the prefix / suffix boundary: prefix tiles cover keys [0, P), suffix tiles
+// [P, P + S); a key's global index j numbers the prefix first.
+struct Tiling {
+  int64_t P, S, prefix_tiles, suffix_tiles;
+  explicit Tiling(const PrefixAttentionShape& sh)
+      : P(sh.P), S(sh.S), prefix_tiles((sh.P + kKeyTile - 1) / kKeyTile), suffix_tiles((sh.S + kKeyTile - 1) / kKeyTile) {}
+  int64_t tiles() const { return prefix_tiles + suffix_tiles; }
+  int64_t first_key(int64_t tile) const {
+    return tile < prefix_tiles ? tile * kKeyTile : P + (tile - prefix_tiles) * kKeyTile;
+  }
+  int64_t size(int64_t tile) const {
+    return tile < prefix_tiles ? std::min<int64_t>(kKeyTile, P - tile * kKeyTile)
+                               : std::min<int64_t>(kKeyTile, S - (tile - prefix_tiles) * kKeyTile);
+  }
+  // how many keys of the tile query s sees (0: none); query s < 0 marks an unused block row
+  int64_t visible(int64_t tile, int64_t s) const {
+    if (s < 0) return 0;
+    if (tile < prefix_tiles) return size(tile);
+    const int64_t first = (tile - prefix_tiles) * kKeyTile;
+    return std::max<int64_t>(0, std::min<int64_t>(size(tile), s - first + 1));
+  }
+};
+
+// dst[d * kKeyTile + t] = row(t)[d] for t < n; with pad, 0 for t >= n (a tile buffer refilled with
+// the same n keeps its zero columns, so they are written once per task)
+template <typename T, typename RowFn>
+GF_ALWAYS_INLINE void transpose_tile(RowFn row, int64_t n, int64_t Dh, T* dst, bool pad) {
+  for (int64_t t = 0; t < n; ++t) {
+    const T* r = row(t);
+    for (int64_t d = 0; d < Dh; ++d) dst[d * kKeyTile + t] = r[d];
+  }
+  if (!pad) return;
+  for (int64_t t = n; t < kKeyTile; ++t)
+    for (int64_t d = 0; d < Dh; ++d) dst[d * kKeyTile + t] = T(0);
+}
+
+// Asks for the (S, H, Dh) rows of sequence (k, m) ahead of use: the rows of one sequence are
+// strided by H * Dh, a pattern the hardware prefetcher follows poorly across pages.
+template <typename T>
+GF_ALWAYS_INLINE void prefetch_sequence(const T* base, const SuffixStrides& st, int64_t k, int64_t m,
+                                        const PrefixAttentionShape& sh) {
+  const int64_t bytes = sh.Dh * static_cast<int64_t>(sizeof(T));
+  for (int64_t s = 0; s < sh.S; ++s)
+    for (int64_t h = 0; h < sh.H; ++h) {
+      const char* row = reinterpret_cast<const char*>(base + suffix_offset(st, k, m, s, h));
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b);
+    }
+}
+
+GF_ALWAYS_INLINE SuffixStrides dense_strides(const PrefixAttentionShape& sh) {
+  return {sh.M * sh.S * sh.H * sh.Dh, sh.S * sh.H * sh.Dh, sh.H * sh.Dh, sh.Dh};
+}
+
+// rows s0 .. s0 + kQueryBlock - 1 of one sequence into a dense block; rows past S are zero
+template <typename T, typename RowFn>
+GF_ALWAYS_INLINE void load_block(RowFn row, int64_t s0, int64_t S, int64_t Dh, T* dst) {
+  for (int i = 0; i < kQueryBlock; ++i) {
+    if (s0 + i < S) std::copy(row(s0 + i), row(s0 + i) + Dh, dst + i * Dh);
+    else std::fill(dst + i * Dh, dst + (i + 1) * Dh, T(0));
+  }
+}
+
+// Tasks are (m-chunk, k): the prefix tiles of expert k are transposed once per task and reused by
+// every sequence of the chunk; the heads of a sequence run one after another (contiguous memory).
+struct TaskSplit {
+  int64_t m_chunk, n_chunks;
+  TaskSplit(const PrefixAttentionShape& sh, int64_t want_tasks) {
+    const int64_t kh = std::max<int64_t>(1, sh.K);
+    const int64_t chunks = std::min<int64_t>(std::max<int64_t>(sh.M, 1), std::max<int64_t>(1, (want_tasks + kh - 1) / kh));
+    m_chunk = std::max<int64_t>(1, (sh.M + chunks - 1) / chunks);
+    n_chunks = (sh.M + m_chunk - 1) / m_chunk;
+  }
+};
+
+// ------------------------------------------------------------------------------------------ forward
+
+template <typename T>
+GF_ALWAYS_INLINE void forward_tasks(const Inputs<T>& in, T* out, T* lse, int64_t m_chunk, int64_t begin, int64_t end) {
+  const PrefixAttentionShape sh = in.shape;
+  const int64_t Dh = sh.Dh, S = sh.S;
+  const T scale = static_cast<T>(in.scale);
+  const Tiling tiling(sh);
+  const int64_t tile_elems = Dh * kKeyTile;
+  const int64_t prefix_elems = tiling.prefix_tiles * tile_elems;
+  const int64_t suffix_elems = tiling.suffix_tiles * tile_elems;
+  // prefix tiles of every head of expert k, then the suffix tiles of the current (m, h)
+  std::vector<T> buffer(sh.H * prefix_elems + suffix_elems + 2 * kQueryBlock * Dh);
+  T* q = buffer.data() + sh.H * prefix_elems + suffix_elems;
+  T* acc = q + kQueryBlock * Dh;
+  T* suffix_tiles = buffer.data() + sh.H * prefix_elems;
+  Block<T> sc, w;
+  const T* rows[kKeyTile];
+  OnlineSoftmax<T> softmax[kQueryBlock];
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t k = task % sh.K;
+    const int64_t chunk = task / sh.K;
+    const int64_t m_begin = chunk * m_chunk, m_end = std::min(sh.M, m_begin + m_chunk);
+    for (int64_t h = 0; h < sh.H; ++h) {
+      for (int64_t tile = 0; tile < tiling.prefix_tiles; ++tile) {
+        const int64_t j0 = tiling.first_key(tile);
+        transpose_tile<T>([&](int64_t t) { return key_ptr(in, k, 0, h, j0 + t); }, tiling.size(tile), Dh,
+                          buffer.data() + h * prefix_elems + tile * tile_elems, true);
+      }
+    }
+    // heads innermost: the (S, H, Dh) block of one sequence is read as one contiguous stretch
+    for (int64_t m = m_begin; m < m_end; ++m) {
+      if (m + 1 < m_end) {
+        prefetch_sequence(in.q, in.sq, k, m + 1, sh);
+        prefetch_sequence(in.k, in.sk, k, m + 1, sh);
+        prefetch_sequence(in.v, in.sv, k, m + 1, sh);
+      }
+      for (int64_t h = 0; h < sh.H; ++h) {
+      const T* prefix_tiles = buffer.data() + h * prefix_elems;
+      auto key_tile = [&](int64_t tile) {
+        return tile < tiling.prefix_tiles ? prefix_tiles + tile * tile_elems
+                                          : suffix_tiles + (tile - tiling.prefix_tiles) * tile_elems;
+      };
+      for (int64_t tile = tiling.prefix_tiles; tile < tiling.tiles(); ++tile) {
+        const int64_t j0 = tiling.first_key(tile);
+        transpose_tile<T>([&](int64_t t) { return key_ptr(in, k, m, h, j0 + t); }, tiling.size(tile), Dh,
+                          suffix_tiles + (tile - tiling.prefix_tiles) * tile_elems, m == m_begin && h == 0);
+      }
+      for (int64_t s0 = 0; s0 < S; s0 += kQueryBlock) {
+        load_block<T>([&](int64_t s) { return in.q + suffix_offset(in.sq, k, m, s, h); }, s0, S, Dh, q);
+        std::fill(acc, acc + kQueryBlock * Dh, T(0));
+        for (int i = 0; i < kQueryBlock; ++i) softmax[i].init();
+        for (int64_t tile = 0; tile < tiling.tiles(); ++tile) {
+          // visibility grows with s: the block's last used row sees the most keys
+          const int64_t n_max = tiling.visible(tile, std::min(S - 1, s0 + kQueryBlock - 1));
+          if (n_max == 0) continue;
+          const int64_t j0 = tiling.first_key(tile);
+          block_tile_dots(q, key_tile(tile), Dh, sc);
+          for (int i = 0; i < kQueryBlock; ++i) {
+            const int64_t n = tiling.visible(tile, s0 + i < S ? s0 + i : -1);
+            std::fill(w[i], w[i] + kKeyTile, T(0));
+            if (n == 0) continue;
+            T tile_max = -INFINITY;
+            for (int64_t t = 0; t < n; ++t) tile_max = std::max(tile_max, scale * sc[i][t]);
+            const T alpha = softmax[i].absorb_max(tile_max);
+            if (alpha != T(1)) {
+              T* a = acc + i * Dh;
+#pragma omp simd
+              for (int64_t d = 0; d < Dh; ++d) a[d] *= alpha;
+            }
+            for (int64_t t = 0; t < n; ++t) w[i][t] = softmax[i].weight(scale * sc[i][t]);
+          }
+          for (int64_t t = 0; t < n_max; ++t) rows[t] = value_ptr(in, k, m, h, j0 + t);
+          block_combine_rows(acc, w, rows, n_max, Dh);
+        }
+        for (int i = 0; i < kQueryBlock && s0 + i < S; ++i) {
+          const T inv = softmax[i].inv_sum();
+          T* o = out + dense_row(sh, k, m, s0 + i, h) * Dh;
+          const T* a = acc + i * Dh;
+#pragma omp simd
+          for (int64_t d = 0; d < Dh; ++d) o[d] = a[d] * inv;
+          lse[lse_index(sh, k, m, h, s0 + i)] = softmax[i].lse();
+        }
+      }
+      }
+    }
+  }
+}
+
+template <typename T>
+GF_TARGET_AVX2 void forward_tasks_avx2(const Inputs<T>& in, T* out, T* lse, int64_t m_chunk, int64_t b, int64_t e) {
+  forward_tasks<T>(in, out, lse, m_chunk, b, e);
+}
+template <typename T>
+void forward_tasks_baseline(const Inputs<T>& in, T* out, T* lse, int64_t m_chunk, int64_t b, int64_t e) {
+  forward_tasks<T>(in, out, lse, m_chunk, b, e);
+}
+
+bool cpu_has_avx2() {
+#if GF_HAVE_AVX2_CLONE
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// ----------------------------------------------------------------------------------------- backward
+
+template <typename T>
+struct Grads {
+  const T* grad_out;  // dense (K, M, S, H, Dh)
+  const T* out;       // dense
+  const T* lse;       // dense (K, M, H, S)
+  T* dq;              // dense
+  T* dk;
+  T* dv;
+  T* dkp_partial;  // (chunks, K, P, H, Dh): prefix gradients summed over one m-chunk
+  T* dvp_partial;
+  int64_t m_chunk;
+};
+
+template <typename T>
+GF_ALWAYS_INLINE void backward_tasks(const Inputs<T>& in, const Grads<T>& g, int64_t begin, int64_t end) {
+  const PrefixAttentionShape sh = in.shape;
+  const int64_t Dh = sh.Dh, P = sh.P, S = sh.S;
+  const T scale = static_cast<T>(in.scale);
+  const Tiling tiling(sh);
+  const int64_t tile_elems = Dh * kKeyTile;
+  const int64_t all_tiles = tiling.tiles() * tile_elems;
+  const int64_t prefix_elems = tiling.prefix_tiles * tile_elems;
+  // per head: transposed K and V tiles and the transposed dK / dV accumulators of the same tiles
+  // (prefix ones summed over the task's m-chunk, suffix ones over one sequence); then q, dO, dq of
+  // one query block
+  std::vector<T> buffer(4 * sh.H * all_tiles + 3 * kQueryBlock * Dh);
+  T* q = buffer.data() + 4 * sh.H * all_tiles;
+  T* dout = q + kQueryBlock * Dh;
+  T* dq = dout + kQueryBlock * Dh;
+  Block<T> sc, dp, p, ds;
+  const T* rows[kKeyTile];
+  T delta[kQueryBlock], lse[kQueryBlock];
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t k = task % sh.K;
+    const int64_t chunk = task / sh.K;
+    const int64_t m_begin = chunk * g.m_chunk, m_end = std::min(sh.M, m_begin + g.m_chunk);
+    for (int64_t h = 0; h < sh.H; ++h) {
+      T* key_tiles = buffer.data() + 4 * h * all_tiles;
+      T* value_tiles = key_tiles + all_tiles;
+      for (int64_t tile = 0; tile < tiling.prefix_tiles; ++tile) {
+        const int64_t j0 = tiling.first_key(tile), n = tiling.size(tile);
+        transpose_tile<T>([&](int64_t t) { return key_ptr(in, k, 0, h, j0 + t); }, n, Dh,
+                          key_tiles + tile * tile_elems, true);
+        transpose_tile<T>([&](int64_t t) { return value_ptr(in, k, 0, h, j0 + t); }, n, Dh,
+                          value_tiles + tile * tile_elems, true);
+      }
+      std::fill(value_tiles + all_tiles, value_tiles + all_tiles + prefix_elems, T(0));  // dK prefix
+      std::fill(value_tiles + 2 * all_tiles, value_tiles + 2 * all_tiles + prefix_elems, T(0));  // dV prefix
+    }
+    // heads innermost: the (S, H, Dh) block of one sequence is read as one contiguous stretch
+    const SuffixStrides dense = dense_strides(sh);
+    for (int64_t m = m_begin; m < m_end; ++m) {
+      if (m + 1 < m_end) {
+        prefetch_sequence(in.q, in.sq, k, m + 1, sh);
+        prefetch_sequence(in.k, in.sk, k, m + 1, sh);
+        prefetch_sequence(in.v, in.sv, k, m + 1, sh);
+        prefetch_sequence(g.grad_out, dense, k, m + 1, sh);
+        prefetch_sequence(g.out, dense, k, m + 1, sh);
+      }
+      for (int64_t h = 0; h < sh.H; ++h) {
+        T* key_tiles = buffer.data() + 4 * h * all_tiles;
+        T* value_tiles = key_tiles + all_tiles;
+        T* dkey_tiles = value_tiles + all_tiles;
+        T* dvalue_tiles = dkey_tiles + all_tiles;
+        for (int64_t tile = tiling.prefix_tiles; tile < tiling.tiles(); ++tile) {
+          const int64_t j0 = tiling.first_key(tile), n = tiling.size(tile);
+          transpose_tile<T>([&](int64_t t) { return key_ptr(in, k, m, h, j0 + t); }, n, Dh,
+                            key_tiles + tile * tile_elems, m == m_begin);
+          transpose_tile<T>([&](int64_t t) { return value_ptr(in, k, m, h, j0 + t); }, n, Dh,
+                            value_tiles + tile * tile_elems, m == m_begin);
+        }
+        std::fill(dkey_tiles + prefix_elems, dkey_tiles + all_tiles, T(0));
+        std::fill(dvalue_tiles + prefix_elems, dvalue_tiles + all_tiles, T(0));
+        for (int64_t s0 = 0; s0 < S; s0 += kQueryBlock) {
+          load_block<T>([&](int64_t s) { return in.q + suffix_offset(in.sq, k, m, s, h); }, s0, S, Dh, q);
+          load_block<T>([&](int64_t s) { return g.grad_out + dense_row(sh, k, m, s, h) * Dh; }, s0, S, Dh, dout);
+          for (int i = 0; i < kQueryBlock; ++i) {
+            const bool used = s0 + i < S;
+            delta[i] = used ? dot(dout + i * Dh, g.out + dense_row(sh, k, m, s0 + i, h) * Dh, Dh) : T(0);
+            lse[i] = used ? g.lse[lse_index(sh, k, m, h, s0 + i)] : T(0);
+          }
+          std::fill(dq, dq + kQueryBlock * Dh, T(0));
+          for (int64_t tile = 0; tile < tiling.tiles(); ++tile) {
+            const int64_t n_max = tiling.visible(tile, std::min(S - 1, s0 + kQueryBlock - 1));
+            if (n_max == 0) continue;
+            const int64_t j0 = tiling.first_key(tile);
+            block_tile_dots(q, key_tiles + tile * tile_elems, Dh, sc);
+            block_tile_dots(dout, value_tiles + tile * tile_elems, Dh, dp);
+            for (int i = 0; i < kQueryBlock; ++i) {
+              const int64_t n = tiling.visible(tile, s0 + i < S ? s0 + i : -1);
+              for (int t = 0; t < kKeyTile; ++t) {
+                p[i][t] = t < n ? recompute_probability<T>(scale * sc[i][t], lse[i]) : T(0);
+                ds[i][t] = score_gradient<T>(p[i][t], dp[i][t], delta[i]);
+              }
+            }
+            for (int64_t t = 0; t < n_max; ++t) rows[t] = key_ptr(in, k, m, h, j0 + t);
+            block_combine_rows(dq, ds, rows, n_max, Dh);
+            block_tile_outer_add(q, ds, Dh, dkey_tiles + tile * tile_elems);
+            block_tile_outer_add(dout, p, Dh, dvalue_tiles + tile * tile_elems);
+          }
+          for (int i = 0; i < kQueryBlock && s0 + i < S; ++i) {
+            T* dst = g.dq + dense_row(sh, k, m, s0 + i, h) * Dh;
+            const T* src = dq + i * Dh;
+#pragma omp simd
+            for (int64_t d = 0; d < Dh; ++d) dst[d] = scale * src[d];
+          }
+        }
+        for (int64_t tile = tiling.prefix_tiles; tile < tiling.tiles(); ++tile) {
+          const int64_t first = tiling.first_key(tile) - P;
+          const T* dkt = dkey_tiles + tile * tile_elems;
+          const T* dvt = dvalue_tiles + tile * tile_elems;
+          for (int64_t t = 0; t < tiling.size(tile); ++t) {
+            const int64_t dst = dense_row(sh, k, m, first + t, h) * Dh;
+            for (int64_t d = 0; d < Dh; ++d) {
+              g.dk[dst + d] = scale * dkt[d * kKeyTile + t];
+              g.dv[dst + d] = dvt[d * kKeyTile + t];
+            }
+          }
+        }
+      }
+    }
+    for (int64_t h = 0; h < sh.H; ++h) {
+      const T* dkey_tiles = buffer.data() + 4 * h * all_tiles + 2 * all_tiles;
+      const T* dvalue_tiles = dkey_tiles + all_tiles;
+      for (int64_t tile = 0; tile < tiling.prefix_tiles; ++tile) {
+        const int64_t j0 = tiling.first_key(tile);
+        const T* dkt = dkey_tiles + tile * tile_elems;
+        const T* dvt = dvalue_tiles + tile * tile_elems;
+        for (int64_t t = 0; t < tiling.size(tile); ++t) {
+          const int64_t dst = (((chunk * sh.K + k) * P + j0 + t) * sh.H + h) * Dh;
+          for (int64_t d = 0; d < Dh; ++d) {
+            g.dkp_partial[dst + d] = scale * dkt[d * kKeyTile + t];
+            g.dvp_partial[dst + d] = dvt[d * kKeyTile + t];
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+GF_TARGET_AVX2 void backward_tasks_avx2(const Inputs<T>& in, const Grads<T>& g, int64_t b, int64_t e) {
+  backward_tasks<T>(in, g, b, e);
+}
+template <typename T>
+void backward_tasks_baseline(const Inputs<T>& in, const Grads<T>& g, int64_t b, int64_t e) {
+  backward_tasks<T>(in, g, b, e);
+}
+
+// ----------------------------------------------------------------------------------------- launchers
+
+// GUIDG_FAST_POISON=1 (tests): outputs start as NaN, so an element a kernel forgets to write shows.
+bool poison_outputs() {
+  const char* flag = std::getenv("GUIDG_FAST_POISON");
+  return flag != nullptr && std::strcmp(flag, "1") == 0;
+}
+
+at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options) {
+  return poison_outputs() ? at::full(shape, std::numeric_limits<double>::quiet_NaN(), options)
+                          : at::empty(shape, options);
+}
+
+// The kernels index the last (Dh) dimension with stride 1; any other stride layout is read as is.
+at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+PrefixAttentionShape check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& k_prefix, const at::Tensor& v_prefix) {
+  GF_CHECK_DIM(q, 5, "q");
+  GF_CHECK_DIM(k, 5, "k");
+  GF_CHECK_DIM(v, 5, "v");
+  GF_CHECK_DIM(k_prefix, 4, "k_prefix");
+  GF_CHECK_DIM(v_prefix, 4, "v_prefix");
+  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), op, ": k and v must have q's shape ", q.sizes(),
+              ", got ", k.sizes(), " and ", v.sizes());
+  const int64_t K = q.size(0), M = q.size(1), S = q.size(2), H = q.size(3), Dh = q.size(4), P = k_prefix.size(1);
+  TORCH_CHECK(P >= 1, op, ": k_prefix must hold P >= 1 prefix keys, got shape ", k_prefix.sizes());
+  TORCH_CHECK(k_prefix.sizes() == at::IntArrayRef({K, P, H, Dh}), op, ": k_prefix must have shape (", K, ", P, ", H,
+              ", ", Dh, "), got ", k_prefix.sizes());
+  TORCH_CHECK(v_prefix.sizes() == k_prefix.sizes(), op, ": v_prefix must have k_prefix's shape ", k_prefix.sizes(),
+              ", got ", v_prefix.sizes());
+  for (const at::Tensor* t : {&k, &v, &k_prefix, &v_prefix}) {
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), op, ": all inputs must have q's dtype ", q.scalar_type(),
+                ", got ", t->scalar_type());
+    TORCH_CHECK(t->device() == q.device(), op, ": all inputs must be on q's device ", q.device());
+  }
+  return {K, M, S, H, Dh, P};
+}
+
+template <typename scalar_t>
+Inputs<scalar_t> make_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kp,
+                             const at::Tensor& vp, const PrefixAttentionShape& shape, double scale) {
+  auto st5 = [](const at::Tensor& t) { return SuffixStrides{t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; };
+  auto st4 = [](const at::Tensor& t) { return PrefixStrides{t.stride(0), t.stride(1), t.stride(2)}; };
+  return {q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), kp.data_ptr<scalar_t>(),
+          vp.data_ptr<scalar_t>(), st5(q),  st5(k), st5(v), st4(kp), st4(vp), shape, scale};
+}
+
+std::tuple<at::Tensor, at::Tensor> prefix_attention_forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                                const at::Tensor& v_in, const at::Tensor& kp_in,
+                                                                const at::Tensor& vp_in, double scale) {
+  const PrefixAttentionShape sh = check_inputs("prefix_attention_forward", q_in, k_in, v_in, kp_in, vp_in);
+  TORCH_CHECK(q_in.device().is_cpu(), "prefix_attention_forward (CPU kernel): q must be a CPU tensor");
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat || q_in.scalar_type() == at::kDouble,
+              "prefix_attention_forward (CPU kernel): q must be float32 or float64, got ", q_in.scalar_type());
+  const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  const at::Tensor kp = unit_last_stride(kp_in), vp = unit_last_stride(vp_in);
+  at::Tensor out = new_output({sh.K, sh.M, sh.S, sh.H, sh.Dh}, q.options());
+  at::Tensor lse = new_output({sh.K, sh.M, sh.H, sh.S}, q.options());
+  if (sh.K * sh.M * sh.H == 0 || sh.S == 0 || sh.Dh == 0) return {out, lse};
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "prefix_attention_forward_cpu", [&] {
+    using acc_t = scalar_t;  // float or double: the accumulation type is the input type
+    const Inputs<scalar_t> in = make_inputs<scalar_t>(q, k, v, kp, vp, sh, scale);
+    scalar_t* out_ptr = out.data_ptr<scalar_t>();
+    acc_t* lse_ptr = lse.data_ptr<acc_t>();
+    // about 4 sequences per task: the prefix tiles are transposed once per task
+    const TaskSplit split(sh, std::max<int64_t>(1, sh.K * ((sh.M + 3) / 4)));
+    const bool avx2 = cpu_has_avx2();
+    at::parallel_for(0, split.n_chunks * sh.K, 1, [&](int64_t b, int64_t e) {
+      if (avx2) forward_tasks_avx2<scalar_t>(in, out_ptr, lse_ptr, split.m_chunk, b, e);
+      else forward_tasks_baseline<scalar_t>(in, out_ptr, lse_ptr, split.m_chunk, b, e);
+    });
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_attention_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& kp_in, const at::Tensor& vp_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+    double scale) {
+  const PrefixAttentionShape sh = check_inputs("prefix_attention_backward", q_in, k_in, v_in, kp_in, vp_in);
+  TORCH_CHECK(q_in.device().is_cpu(), "prefix_attention_backward (CPU kernel): q must be a CPU tensor");
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat || q_in.scalar_type() == at::kDouble,
+              "prefix_attention_backward (CPU kernel): q must be float32 or float64, got ", q_in.scalar_type());
+  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
+              "prefix_attention_backward: grad_out and out must have q's shape ", q_in.sizes(), ", got ",
+              grad_out_in.sizes(), " and ", out_in.sizes());
+  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({sh.K, sh.M, sh.H, sh.S}),
+              "prefix_attention_backward: lse must have shape (K, M, H, S) = (", sh.K, ", ", sh.M, ", ", sh.H, ", ",
+              sh.S, "), got ", lse_in.sizes());
+  for (const at::Tensor* t : {&grad_out_in, &out_in, &lse_in}) {
+    TORCH_CHECK(t->scalar_type() == q_in.scalar_type() && t->device() == q_in.device(),
+                "prefix_attention_backward: grad_out, out and lse must match q's dtype and device");
+  }
+  const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  const at::Tensor kp = unit_last_stride(kp_in), vp = unit_last_stride(vp_in);
+  const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
+  at::Tensor dq = new_output(q.sizes(), q.options()), dk = new_output(q.sizes(), q.options());
+  at::Tensor dv = new_output(q.sizes(), q.options());
+  at::Tensor dkp = new_output({sh.K, sh.P, sh.H, sh.Dh}, q.options());
+  at::Tensor dvp = new_output({sh.K, sh.P, sh.H, sh.Dh}, q.options());
+  if (sh.K * sh.M * sh.H * sh.S * sh.Dh == 0) {
+    dkp.zero_();
+    dvp.zero_();
+    return {dq, dk, dv, dkp, dvp};
+  }
+  // Enough (m-chunk, k, h) tasks to keep every thread busy; each chunk keeps its own prefix partial.
+  const TaskSplit split(sh, 4 * static_cast<int64_t>(at::get_num_threads()));
+  const int64_t m_chunk = split.m_chunk, n_chunks = split.n_chunks;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "prefix_attention_backward_cpu", [&] {
+    using acc_t = scalar_t;
+    at::Tensor partial = n_chunks == 1 ? at::Tensor() : new_output({2, n_chunks, sh.K, sh.P, sh.H, sh.Dh}, q.options());
+    const Inputs<scalar_t> in = make_inputs<scalar_t>(q, k, v, kp, vp, sh, scale);
+    Grads<scalar_t> g{grad_out.data_ptr<scalar_t>(),
+                             out.data_ptr<scalar_t>(),
+                             lse.data_ptr<acc_t>(),
+                             dq.data_ptr<scalar_t>(),
+                             dk.data_ptr<scalar_t>(),
+                             dv.data_ptr<scalar_t>(),
+                             n_chunks == 1 ? dkp.data_ptr<acc_t>() : partial.data_ptr<acc_t>(),
+                             n_chunks == 1 ? dvp.data_ptr<acc_t>() : partial.data_ptr<acc_t>() + partial.size(1) * dkp.numel(),
+                             m_chunk};
+    const bool avx2 = cpu_has_avx2();
+    at::parallel_for(0, n_chunks * sh.K, 1, [&](int64_t b, int64_t e) {
+      if (avx2) backward_tasks_avx2<scalar_t>(in, g, b, e);
+      else backward_tasks_baseline<scalar_t>(in, g, b, e);
+    });
+    if (n_chunks > 1) {
+      // fixed-order sum over the chunks: the result does not depend on the thread count's timing
+      const int64_t n = dkp.numel();
+      const acc_t* src = partial.data_ptr<acc_t>();
+      acc_t* dst_k = dkp.data_ptr<acc_t>();
+      acc_t* dst_v = dvp.data_ptr<acc_t>();
+      at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          acc_t sk = 0, sv = 0;
+          for (int64_t c = 0; c < n_chunks; ++c) {
+            sk += src[c * n + i];
+            sv += src[(n_chunks + c) * n + i];
+          }
+          dst_k[i] = sk;
+          dst_v[i] = sv;
+        }
+      });
+    }
+  });
+  return {dq, dk, dv, dkp, dvp};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(guidg_fast, CPU, m) {
+  m.impl("prefix_attention_forward", &prefix_attention_forward_cpu);
+  m.impl("prefix_attention_backward", &prefix_attention_backward_cpu);
+}
+
+}  // namespace guidg_fast
