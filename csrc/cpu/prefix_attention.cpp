@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -52,11 +53,52 @@ struct Simd {
   static constexpr int per_tile = kKeyTile / lanes;  // vectors per row of a transposed tile
   static GF_ALWAYS_INLINE vec load(const T* p) { return *reinterpret_cast<const unaligned_vec*>(p); }
   static GF_ALWAYS_INLINE void store(T* p, vec v) { *reinterpret_cast<unaligned_vec*>(p) = v; }
-  static GF_ALWAYS_INLINE vec splat(T x) { return vec{} + x; }
+  static GF_ALWAYS_INLINE vec splat(T x) {
+    vec v;
+    for (int i = 0; i < lanes; ++i) v[i] = x;  // folds to one broadcast
+    return v;
+  }
 };
 
 template <typename T>
 using Block = T[kQueryBlock][kKeyTile];
+
+// out[t] = exp(x[t]) over one row of a score block (x = -inf gives 0)
+template <typename T>
+GF_ALWAYS_INLINE void exp_row(const T* x, T* out) {
+  for (int t = 0; t < kKeyTile; ++t) out[t] = std::exp(x[t]);
+}
+
+// float: a vectorised Cephes-style expf (range reduction by ln 2, degree-6 polynomial, exponent
+// bits), within 2 ulp of expf over the range that matters; inputs below -87.3 give 0 (the true
+// value is below FLT_MIN, under 1e-37 relative to the running sum of at least 1)
+template <>
+GF_ALWAYS_INLINE void exp_row<float>(const float* x, float* out) {
+  using V = Simd<float>;
+  typedef int32_t ivec __attribute__((vector_size(32)));
+  const V::vec lo = V::splat(-87.3f), hi = V::splat(88.3f), one = V::splat(1.0f);
+  for (int v = 0; v < V::per_tile; ++v) {
+    const V::vec xin = V::load(x + v * V::lanes);
+    V::vec xc = xin < lo ? lo : xin;
+    xc = xc > hi ? hi : xc;
+    const V::vec fx = xc * V::splat(1.44269504088896341f) + V::splat(0.5f);
+    V::vec n = __builtin_convertvector(__builtin_convertvector(fx, ivec), V::vec);  // truncation
+    n = n > fx ? n - one : n;                                                           // floor
+    const V::vec r = xc - n * V::splat(0.693359375f) - n * V::splat(-2.12194440e-4f);
+    V::vec y = V::splat(1.9875691500e-4f);
+    y = y * r + V::splat(1.3981999507e-3f);
+    y = y * r + V::splat(8.3334519073e-3f);
+    y = y * r + V::splat(4.1665795894e-2f);
+    y = y * r + V::splat(1.6666665459e-1f);
+    y = y * r + V::splat(5.0000001201e-1f);
+    y = y * r * r + r + one;
+    const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+    V::vec pow2n;
+    std::memcpy(&pow2n, &bits, sizeof(pow2n));
+    const V::vec result = xin < lo ? V::splat(0.0f) : y * pow2n;
+    V::store(out + v * V::lanes, result);
+  }
+}
 
 template <typename T>
 GF_ALWAYS_INLINE T dot(const T* a, const T* b, int64_t n) {
@@ -148,40 +190,42 @@ GF_ALWAYS_INLINE const scalar_t* value_ptr(const Inputs<scalar_t>& in, int64_t k
   return j < P ? in.vp + prefix_offset(in.svp, k, j, h) : in.v + suffix_offset(in.sv, k, m, j - P, h);
 }
 
-// Tiles never straddle the prefix / suffix boundary: prefix tiles cover keys [0, P), suffix tiles
-// [P, P + S); a key's global index j numbers the prefix first.
+// Tiles cut the key sequence [prefix 0..P-1, suffix 0..S-1] (global key index j) every kKeyTile
+// keys. Tiles entirely inside the prefix are the same for every sequence of an expert; the others
+// ("dynamic") start with the prefix remainder and continue with the sequence's own suffix keys, so
+// P = 17, S = 8 needs 2 tiles, not 3.
 struct Tiling {
-  int64_t P, S, prefix_tiles, suffix_tiles;
+  int64_t P, S, n_keys, tiles, static_tiles;
   explicit Tiling(const PrefixAttentionShape& sh)
-      : P(sh.P), S(sh.S), prefix_tiles((sh.P + kKeyTile - 1) / kKeyTile), suffix_tiles((sh.S + kKeyTile - 1) / kKeyTile) {}
-  int64_t tiles() const { return prefix_tiles + suffix_tiles; }
-  int64_t first_key(int64_t tile) const {
-    return tile < prefix_tiles ? tile * kKeyTile : P + (tile - prefix_tiles) * kKeyTile;
+      : P(sh.P), S(sh.S), n_keys(sh.P + sh.S), tiles((sh.P + sh.S + kKeyTile - 1) / kKeyTile),
+        static_tiles(sh.P / kKeyTile) {}
+  int64_t first_key(int64_t tile) const { return tile * kKeyTile; }
+  int64_t size(int64_t tile) const { return std::min<int64_t>(kKeyTile, n_keys - tile * kKeyTile); }
+  // leading columns of the tile that are prefix keys
+  int64_t prefix_columns(int64_t tile) const {
+    return std::max<int64_t>(0, std::min<int64_t>(size(tile), P - tile * kKeyTile));
   }
-  int64_t size(int64_t tile) const {
-    return tile < prefix_tiles ? std::min<int64_t>(kKeyTile, P - tile * kKeyTile)
-                               : std::min<int64_t>(kKeyTile, S - (tile - prefix_tiles) * kKeyTile);
-  }
-  // how many keys of the tile query s sees (0: none); query s < 0 marks an unused block row
+  // how many keys of the tile query s sees (query s sees keys j <= P + s); s < 0: an unused block row
   int64_t visible(int64_t tile, int64_t s) const {
     if (s < 0) return 0;
-    if (tile < prefix_tiles) return size(tile);
-    const int64_t first = (tile - prefix_tiles) * kKeyTile;
-    return std::max<int64_t>(0, std::min<int64_t>(size(tile), s - first + 1));
+    return std::max<int64_t>(0, std::min<int64_t>(size(tile), P + s + 1 - tile * kKeyTile));
   }
 };
 
-// dst[d * kKeyTile + t] = row(t)[d] for t < n; with pad, 0 for t >= n (a tile buffer refilled with
-// the same n keeps its zero columns, so they are written once per task)
+// dst[d * kKeyTile + t] = row(t)[d] for t in [t_begin, t_end)
 template <typename T, typename RowFn>
-GF_ALWAYS_INLINE void transpose_tile(RowFn row, int64_t n, int64_t Dh, T* dst, bool pad) {
-  for (int64_t t = 0; t < n; ++t) {
+GF_ALWAYS_INLINE void transpose_rows(RowFn row, int64_t t_begin, int64_t t_end, int64_t Dh, T* dst) {
+  for (int64_t t = t_begin; t < t_end; ++t) {
     const T* r = row(t);
     for (int64_t d = 0; d < Dh; ++d) dst[d * kKeyTile + t] = r[d];
   }
-  if (!pad) return;
-  for (int64_t t = n; t < kKeyTile; ++t)
-    for (int64_t d = 0; d < Dh; ++d) dst[d * kKeyTile + t] = T(0);
+}
+
+// zero columns [t_begin, kKeyTile) of a transposed tile
+template <typename T>
+GF_ALWAYS_INLINE void zero_columns(int64_t t_begin, int64_t Dh, T* dst) {
+  for (int64_t d = 0; d < Dh; ++d)
+    for (int64_t t = t_begin; t < kKeyTile; ++t) dst[d * kKeyTile + t] = T(0);
 }
 
 // Asks for the (S, H, Dh) rows of sequence (k, m) ahead of use: the rows of one sequence are
@@ -231,13 +275,11 @@ GF_ALWAYS_INLINE void forward_tasks(const Inputs<T>& in, T* out, T* lse, int64_t
   const T scale = static_cast<T>(in.scale);
   const Tiling tiling(sh);
   const int64_t tile_elems = Dh * kKeyTile;
-  const int64_t prefix_elems = tiling.prefix_tiles * tile_elems;
-  const int64_t suffix_elems = tiling.suffix_tiles * tile_elems;
-  // prefix tiles of every head of expert k, then the suffix tiles of the current (m, h)
-  std::vector<T> buffer(sh.H * prefix_elems + suffix_elems + 2 * kQueryBlock * Dh);
-  T* q = buffer.data() + sh.H * prefix_elems + suffix_elems;
+  const int64_t head_elems = tiling.tiles * tile_elems;
+  // the transposed key tiles of every head of expert k, then a query block and its accumulators
+  std::vector<T> buffer(sh.H * head_elems + 2 * kQueryBlock * Dh);
+  T* q = buffer.data() + sh.H * head_elems;
   T* acc = q + kQueryBlock * Dh;
-  T* suffix_tiles = buffer.data() + sh.H * prefix_elems;
   Block<T> sc, w;
   const T* rows[kKeyTile];
   OnlineSoftmax<T> softmax[kQueryBlock];
@@ -246,10 +288,12 @@ GF_ALWAYS_INLINE void forward_tasks(const Inputs<T>& in, T* out, T* lse, int64_t
     const int64_t chunk = task / sh.K;
     const int64_t m_begin = chunk * m_chunk, m_end = std::min(sh.M, m_begin + m_chunk);
     for (int64_t h = 0; h < sh.H; ++h) {
-      for (int64_t tile = 0; tile < tiling.prefix_tiles; ++tile) {
+      for (int64_t tile = 0; tile < tiling.tiles; ++tile) {
+        T* dst = buffer.data() + h * head_elems + tile * tile_elems;
         const int64_t j0 = tiling.first_key(tile);
-        transpose_tile<T>([&](int64_t t) { return key_ptr(in, k, 0, h, j0 + t); }, tiling.size(tile), Dh,
-                          buffer.data() + h * prefix_elems + tile * tile_elems, true);
+        transpose_rows<T>([&](int64_t t) { return key_ptr(in, k, 0, h, j0 + t); }, 0, tiling.prefix_columns(tile), Dh,
+                          dst);
+        zero_columns<T>(tiling.size(tile), Dh, dst);
       }
     }
     // heads innermost: the (S, H, Dh) block of one sequence is read as one contiguous stretch
@@ -260,39 +304,45 @@ GF_ALWAYS_INLINE void forward_tasks(const Inputs<T>& in, T* out, T* lse, int64_t
         prefetch_sequence(in.v, in.sv, k, m + 1, sh);
       }
       for (int64_t h = 0; h < sh.H; ++h) {
-      const T* prefix_tiles = buffer.data() + h * prefix_elems;
-      auto key_tile = [&](int64_t tile) {
-        return tile < tiling.prefix_tiles ? prefix_tiles + tile * tile_elems
-                                          : suffix_tiles + (tile - tiling.prefix_tiles) * tile_elems;
-      };
-      for (int64_t tile = tiling.prefix_tiles; tile < tiling.tiles(); ++tile) {
+      T* key_tiles = buffer.data() + h * head_elems;
+      for (int64_t tile = tiling.static_tiles; tile < tiling.tiles; ++tile) {
         const int64_t j0 = tiling.first_key(tile);
-        transpose_tile<T>([&](int64_t t) { return key_ptr(in, k, m, h, j0 + t); }, tiling.size(tile), Dh,
-                          suffix_tiles + (tile - tiling.prefix_tiles) * tile_elems, m == m_begin && h == 0);
+        transpose_rows<T>([&](int64_t t) { return key_ptr(in, k, m, h, j0 + t); }, tiling.prefix_columns(tile),
+                          tiling.size(tile), Dh, key_tiles + tile * tile_elems);
       }
       for (int64_t s0 = 0; s0 < S; s0 += kQueryBlock) {
         load_block<T>([&](int64_t s) { return in.q + suffix_offset(in.sq, k, m, s, h); }, s0, S, Dh, q);
         std::fill(acc, acc + kQueryBlock * Dh, T(0));
         for (int i = 0; i < kQueryBlock; ++i) softmax[i].init();
-        for (int64_t tile = 0; tile < tiling.tiles(); ++tile) {
+        for (int64_t tile = 0; tile < tiling.tiles; ++tile) {
           // visibility grows with s: the block's last used row sees the most keys
           const int64_t n_max = tiling.visible(tile, std::min(S - 1, s0 + kQueryBlock - 1));
           if (n_max == 0) continue;
           const int64_t j0 = tiling.first_key(tile);
-          block_tile_dots(q, key_tile(tile), Dh, sc);
+          block_tile_dots(q, key_tiles + tile * tile_elems, Dh, sc);
           for (int i = 0; i < kQueryBlock; ++i) {
             const int64_t n = tiling.visible(tile, s0 + i < S ? s0 + i : -1);
-            std::fill(w[i], w[i] + kKeyTile, T(0));
-            if (n == 0) continue;
+            if (n == 0) {
+              std::fill(w[i], w[i] + kKeyTile, T(0));
+              continue;
+            }
+            T* row = sc[i];
             T tile_max = -INFINITY;
-            for (int64_t t = 0; t < n; ++t) tile_max = std::max(tile_max, scale * sc[i][t]);
+            for (int t = 0; t < kKeyTile; ++t) {
+              row[t] = t < n ? scale * row[t] : -INFINITY;
+              tile_max = std::max(tile_max, row[t]);
+            }
             const T alpha = softmax[i].absorb_max(tile_max);
             if (alpha != T(1)) {
               T* a = acc + i * Dh;
 #pragma omp simd
               for (int64_t d = 0; d < Dh; ++d) a[d] *= alpha;
             }
-            for (int64_t t = 0; t < n; ++t) w[i][t] = softmax[i].weight(scale * sc[i][t]);
+            for (int t = 0; t < kKeyTile; ++t) row[t] -= softmax[i].max;
+            exp_row(row, w[i]);
+            T sum = 0;
+            for (int t = 0; t < kKeyTile; ++t) sum += w[i][t];
+            softmax[i].sum += sum;
           }
           for (int64_t t = 0; t < n_max; ++t) rows[t] = value_ptr(in, k, m, h, j0 + t);
           block_combine_rows(acc, w, rows, n_max, Dh);
@@ -351,11 +401,10 @@ GF_ALWAYS_INLINE void backward_tasks(const Inputs<T>& in, const Grads<T>& g, int
   const T scale = static_cast<T>(in.scale);
   const Tiling tiling(sh);
   const int64_t tile_elems = Dh * kKeyTile;
-  const int64_t all_tiles = tiling.tiles() * tile_elems;
-  const int64_t prefix_elems = tiling.prefix_tiles * tile_elems;
+  const int64_t all_tiles = tiling.tiles * tile_elems;
   // per head: transposed K and V tiles and the transposed dK / dV accumulators of the same tiles
-  // (prefix ones summed over the task's m-chunk, suffix ones over one sequence); then q, dO, dq of
-  // one query block
+  // (prefix columns summed over the task's m-chunk, suffix columns over one sequence); then q, dO,
+  // dq of one query block
   std::vector<T> buffer(4 * sh.H * all_tiles + 3 * kQueryBlock * Dh);
   T* q = buffer.data() + 4 * sh.H * all_tiles;
   T* dout = q + kQueryBlock * Dh;
@@ -370,15 +419,16 @@ GF_ALWAYS_INLINE void backward_tasks(const Inputs<T>& in, const Grads<T>& g, int
     for (int64_t h = 0; h < sh.H; ++h) {
       T* key_tiles = buffer.data() + 4 * h * all_tiles;
       T* value_tiles = key_tiles + all_tiles;
-      for (int64_t tile = 0; tile < tiling.prefix_tiles; ++tile) {
-        const int64_t j0 = tiling.first_key(tile), n = tiling.size(tile);
-        transpose_tile<T>([&](int64_t t) { return key_ptr(in, k, 0, h, j0 + t); }, n, Dh,
-                          key_tiles + tile * tile_elems, true);
-        transpose_tile<T>([&](int64_t t) { return value_ptr(in, k, 0, h, j0 + t); }, n, Dh,
-                          value_tiles + tile * tile_elems, true);
+      for (int64_t tile = 0; tile < tiling.tiles; ++tile) {
+        const int64_t j0 = tiling.first_key(tile), n = tiling.prefix_columns(tile);
+        transpose_rows<T>([&](int64_t t) { return key_ptr(in, k, 0, h, j0 + t); }, 0, n, Dh,
+                          key_tiles + tile * tile_elems);
+        transpose_rows<T>([&](int64_t t) { return value_ptr(in, k, 0, h, j0 + t); }, 0, n, Dh,
+                          value_tiles + tile * tile_elems);
+        zero_columns<T>(tiling.size(tile), Dh, key_tiles + tile * tile_elems);
+        zero_columns<T>(tiling.size(tile), Dh, value_tiles + tile * tile_elems);
       }
-      std::fill(value_tiles + all_tiles, value_tiles + all_tiles + prefix_elems, T(0));  // dK prefix
-      std::fill(value_tiles + 2 * all_tiles, value_tiles + 2 * all_tiles + prefix_elems, T(0));  // dV prefix
+      std::fill(value_tiles + all_tiles, value_tiles + 3 * all_tiles, T(0));  // dK, dV accumulators
     }
     // heads innermost: the (S, H, Dh) block of one sequence is read as one contiguous stretch
     const SuffixStrides dense = dense_strides(sh);
@@ -395,15 +445,14 @@ GF_ALWAYS_INLINE void backward_tasks(const Inputs<T>& in, const Grads<T>& g, int
         T* value_tiles = key_tiles + all_tiles;
         T* dkey_tiles = value_tiles + all_tiles;
         T* dvalue_tiles = dkey_tiles + all_tiles;
-        for (int64_t tile = tiling.prefix_tiles; tile < tiling.tiles(); ++tile) {
-          const int64_t j0 = tiling.first_key(tile), n = tiling.size(tile);
-          transpose_tile<T>([&](int64_t t) { return key_ptr(in, k, m, h, j0 + t); }, n, Dh,
-                            key_tiles + tile * tile_elems, m == m_begin);
-          transpose_tile<T>([&](int64_t t) { return value_ptr(in, k, m, h, j0 + t); }, n, Dh,
-                            value_tiles + tile * tile_elems, m == m_begin);
+        for (int64_t tile = tiling.static_tiles; tile < tiling.tiles; ++tile) {
+          const int64_t j0 = tiling.first_key(tile);
+          const int64_t t0 = tiling.prefix_columns(tile), t1 = tiling.size(tile);
+          transpose_rows<T>([&](int64_t t) { return key_ptr(in, k, m, h, j0 + t); }, t0, t1, Dh,
+                            key_tiles + tile * tile_elems);
+          transpose_rows<T>([&](int64_t t) { return value_ptr(in, k, m, h, j0 + t); }, t0, t1, Dh,
+                            value_tiles + tile * tile_elems);
         }
-        std::fill(dkey_tiles + prefix_elems, dkey_tiles + all_tiles, T(0));
-        std::fill(dvalue_tiles + prefix_elems, dvalue_tiles + all_tiles, T(0));
         for (int64_t s0 = 0; s0 < S; s0 += kQueryBlock) {
           load_block<T>([&](int64_t s) { return in.q + suffix_offset(in.sq, k, m, s, h); }, s0, S, Dh, q);
           load_block<T>([&](int64_t s) { return g.grad_out + dense_row(sh, k, m, s, h) * Dh; }, s0, S, Dh, dout);
@@ -413,7 +462,7 @@ GF_ALWAYS_INLINE void backward_tasks(const Inputs<T>& in, const Grads<T>& g, int
             lse[i] = used ? g.lse[lse_index(sh, k, m, h, s0 + i)] : T(0);
           }
           std::fill(dq, dq + kQueryBlock * Dh, T(0));
-          for (int64_t tile = 0; tile < tiling.tiles(); ++tile) {
+          for (int64_t tile = 0; tile < tiling.tiles; ++tile) {
             const int64_t n_max = tiling.visible(tile, std::min(S - 1, s0 + kQueryBlock - 1));
             if (n_max == 0) continue;
             const int64_t j0 = tiling.first_key(tile);
@@ -421,10 +470,10 @@ GF_ALWAYS_INLINE void backward_tasks(const Inputs<T>& in, const Grads<T>& g, int
             block_tile_dots(dout, value_tiles + tile * tile_elems, Dh, dp);
             for (int i = 0; i < kQueryBlock; ++i) {
               const int64_t n = tiling.visible(tile, s0 + i < S ? s0 + i : -1);
-              for (int t = 0; t < kKeyTile; ++t) {
-                p[i][t] = t < n ? recompute_probability<T>(scale * sc[i][t], lse[i]) : T(0);
-                ds[i][t] = score_gradient<T>(p[i][t], dp[i][t], delta[i]);
-              }
+              // p = exp(scale * qk - lse) (recompute_probability), vectorised over the tile
+              for (int t = 0; t < kKeyTile; ++t) sc[i][t] = t < n ? scale * sc[i][t] - lse[i] : -INFINITY;
+              exp_row(sc[i], p[i]);
+              for (int t = 0; t < kKeyTile; ++t) ds[i][t] = score_gradient<T>(p[i][t], dp[i][t], delta[i]);
             }
             for (int64_t t = 0; t < n_max; ++t) rows[t] = key_ptr(in, k, m, h, j0 + t);
             block_combine_rows(dq, ds, rows, n_max, Dh);
@@ -438,15 +487,18 @@ GF_ALWAYS_INLINE void backward_tasks(const Inputs<T>& in, const Grads<T>& g, int
             for (int64_t d = 0; d < Dh; ++d) dst[d] = scale * src[d];
           }
         }
-        for (int64_t tile = tiling.prefix_tiles; tile < tiling.tiles(); ++tile) {
-          const int64_t first = tiling.first_key(tile) - P;
-          const T* dkt = dkey_tiles + tile * tile_elems;
-          const T* dvt = dvalue_tiles + tile * tile_elems;
-          for (int64_t t = 0; t < tiling.size(tile); ++t) {
-            const int64_t dst = dense_row(sh, k, m, first + t, h) * Dh;
+        // suffix columns: this sequence's dK / dV, written out and cleared for the next sequence
+        for (int64_t tile = tiling.static_tiles; tile < tiling.tiles; ++tile) {
+          const int64_t j0 = tiling.first_key(tile);
+          T* dkt = dkey_tiles + tile * tile_elems;
+          T* dvt = dvalue_tiles + tile * tile_elems;
+          for (int64_t t = tiling.prefix_columns(tile); t < tiling.size(tile); ++t) {
+            const int64_t dst = dense_row(sh, k, m, j0 + t - P, h) * Dh;
             for (int64_t d = 0; d < Dh; ++d) {
               g.dk[dst + d] = scale * dkt[d * kKeyTile + t];
               g.dv[dst + d] = dvt[d * kKeyTile + t];
+              dkt[d * kKeyTile + t] = T(0);
+              dvt[d * kKeyTile + t] = T(0);
             }
           }
         }
@@ -455,11 +507,11 @@ GF_ALWAYS_INLINE void backward_tasks(const Inputs<T>& in, const Grads<T>& g, int
     for (int64_t h = 0; h < sh.H; ++h) {
       const T* dkey_tiles = buffer.data() + 4 * h * all_tiles + 2 * all_tiles;
       const T* dvalue_tiles = dkey_tiles + all_tiles;
-      for (int64_t tile = 0; tile < tiling.prefix_tiles; ++tile) {
+      for (int64_t tile = 0; tile < tiling.tiles; ++tile) {
         const int64_t j0 = tiling.first_key(tile);
         const T* dkt = dkey_tiles + tile * tile_elems;
         const T* dvt = dvalue_tiles + tile * tile_elems;
-        for (int64_t t = 0; t < tiling.size(tile); ++t) {
+        for (int64_t t = 0; t < tiling.prefix_columns(tile); ++t) {
           const int64_t dst = (((chunk * sh.K + k) * P + j0 + t) * sh.H + h) * Dh;
           for (int64_t d = 0; d < Dh; ++d) {
             g.dkp_partial[dst + d] = scale * dkt[d * kKeyTile + t];
@@ -545,8 +597,8 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_forward_cpu(const at::Tensor
     const Inputs<scalar_t> in = make_inputs<scalar_t>(q, k, v, kp, vp, sh, scale);
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
     acc_t* lse_ptr = lse.data_ptr<acc_t>();
-    // about 4 sequences per task: the prefix tiles are transposed once per task
-    const TaskSplit split(sh, std::max<int64_t>(1, sh.K * ((sh.M + 3) / 4)));
+    // few, long tasks (8 per thread): the prefix tiles are transposed once per task
+    const TaskSplit split(sh, 8 * static_cast<int64_t>(at::get_num_threads()));
     const bool avx2 = cpu_has_avx2();
     at::parallel_for(0, split.n_chunks * sh.K, 1, [&](int64_t b, int64_t e) {
       if (avx2) forward_tasks_avx2<scalar_t>(in, out_ptr, lse_ptr, split.m_chunk, b, e);
@@ -586,8 +638,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
     dvp.zero_();
     return {dq, dk, dv, dkp, dvp};
   }
-  // Enough (m-chunk, k, h) tasks to keep every thread busy; each chunk keeps its own prefix partial.
-  const TaskSplit split(sh, 4 * static_cast<int64_t>(at::get_num_threads()));
+  // Enough (m-chunk, k) tasks to keep every thread busy; each chunk keeps its own prefix partial.
+  const TaskSplit split(sh, 8 * static_cast<int64_t>(at::get_num_threads()));
   const int64_t m_chunk = split.m_chunk, n_chunks = split.n_chunks;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "prefix_attention_backward_cpu", [&] {
     using acc_t = scalar_t;
