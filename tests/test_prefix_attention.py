@@ -217,6 +217,22 @@ def test_prefix_attention_fused_matches_eager(backend, fused_qkv, poison):
             assert_close(g, w, f"grad {name} {shape}")
 
 
+def test_prefix_attention_ext_portable_clone(poison, monkeypatch):
+    """The C++ CPU kernels are compiled for AVX2 and for the baseline ISA; run the baseline one too."""
+    if "ext" not in _backend.available("prefix_attention", "cpu"):
+        pytest.skip("guidg_fast._C has no prefix_attention kernel")
+    monkeypatch.setenv("GUIDG_FAST_CPU_ISA", "baseline")
+    for shape in (ATTN_SHAPES[1], ATTN_SHAPES[4], ATTN_SHAPES[5]):
+        inputs = _attn_inputs(shape, fused_qkv=True)
+        grad_out = torch.randn(inputs[0].shape)
+        with ops.use_backend("ext"):
+            out, grads = _grads(ops.prefix_attention, inputs, grad_out)
+        want, want_grads = _grads(ops.prefix_attention_eager, inputs, grad_out)
+        assert_close(out, want, f"out {shape}")
+        for name, g, w in zip(NAMES, grads, want_grads):
+            assert_close(g, w, f"grad {name} {shape}")
+
+
 @pytest.mark.parametrize("backend", cpu_backends("prefix_attention"))
 def test_prefix_attention_fused_large_scores_and_scale(backend, poison):
     shape = (1, 2, 5, 3, 2, 16)

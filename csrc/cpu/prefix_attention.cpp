@@ -21,15 +21,16 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "prefix_attention.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define GF_HAVE_AVX2_CLONE 1
+#define GF_HAVE_ISA_CLONES 1
 #define GF_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #else
-#define GF_HAVE_AVX2_CLONE 0
+#define GF_HAVE_ISA_CLONES 0
 #define GF_TARGET_AVX2
 #endif
 #define GF_ALWAYS_INLINE __attribute__((always_inline)) inline
@@ -41,15 +42,14 @@ namespace guidg_fast {
 namespace {
 
 constexpr int kKeyTile = 16;
-constexpr int kQueryBlock = 4;
 
-// 32-byte vectors through the GCC / clang vector extension: ymm registers in the AVX2 clone, pairs
-// of xmm registers in the baseline one.
-template <typename T>
+// kBytes-wide vectors through the GCC / clang vector extension: ymm registers in the AVX2 clone,
+// pairs of xmm registers in the baseline one.
+template <typename T, int kBytes>
 struct Simd {
-  typedef T vec __attribute__((vector_size(32)));
-  typedef T unaligned_vec __attribute__((vector_size(32), aligned(alignof(T))));
-  static constexpr int lanes = 32 / sizeof(T);
+  typedef T vec __attribute__((vector_size(kBytes)));
+  typedef T unaligned_vec __attribute__((vector_size(kBytes), aligned(alignof(T))));
+  static constexpr int lanes = kBytes / static_cast<int>(sizeof(T));
   static constexpr int per_tile = kKeyTile / lanes;  // vectors per row of a transposed tile
   static GF_ALWAYS_INLINE vec load(const T* p) { return *reinterpret_cast<const unaligned_vec*>(p); }
   static GF_ALWAYS_INLINE void store(T* p, vec v) { *reinterpret_cast<unaligned_vec*>(p) = v; }
@@ -60,43 +60,46 @@ struct Simd {
   }
 };
 
-template <typename T>
-using Block = T[kQueryBlock][kKeyTile];
+// Queries per block: enough independent accumulators (QB x kKeyTile / lanes = 8 vectors) to hide the
+// FMA latency, few enough to stay in registers.
+constexpr int query_block(int bytes) { return bytes >= 64 ? 8 : 4; }
 
-// out[t] = exp(x[t]) over one row of a score block (x = -inf gives 0)
-template <typename T>
+template <typename T, int QB>
+using Block = T[QB][kKeyTile];
+
+// out[t] = exp(x[t]) over one row of a score block (x = -inf gives 0). float: a vectorised
+// Cephes-style expf (range reduction by ln 2, degree-6 polynomial, exponent bits), within 2 ulp of
+// expf over the range that matters; inputs below -87.3 give 0 (the true value is below FLT_MIN, under
+// 1e-37 relative to the running sum of at least 1). double: std::exp.
+template <typename T, int W>
 GF_ALWAYS_INLINE void exp_row(const T* x, T* out) {
-  for (int t = 0; t < kKeyTile; ++t) out[t] = std::exp(x[t]);
-}
-
-// float: a vectorised Cephes-style expf (range reduction by ln 2, degree-6 polynomial, exponent
-// bits), within 2 ulp of expf over the range that matters; inputs below -87.3 give 0 (the true
-// value is below FLT_MIN, under 1e-37 relative to the running sum of at least 1)
-template <>
-GF_ALWAYS_INLINE void exp_row<float>(const float* x, float* out) {
-  using V = Simd<float>;
-  typedef int32_t ivec __attribute__((vector_size(32)));
-  const V::vec lo = V::splat(-87.3f), hi = V::splat(88.3f), one = V::splat(1.0f);
-  for (int v = 0; v < V::per_tile; ++v) {
-    const V::vec xin = V::load(x + v * V::lanes);
-    V::vec xc = xin < lo ? lo : xin;
-    xc = xc > hi ? hi : xc;
-    const V::vec fx = xc * V::splat(1.44269504088896341f) + V::splat(0.5f);
-    V::vec n = __builtin_convertvector(__builtin_convertvector(fx, ivec), V::vec);  // truncation
-    n = n > fx ? n - one : n;                                                           // floor
-    const V::vec r = xc - n * V::splat(0.693359375f) - n * V::splat(-2.12194440e-4f);
-    V::vec y = V::splat(1.9875691500e-4f);
-    y = y * r + V::splat(1.3981999507e-3f);
-    y = y * r + V::splat(8.3334519073e-3f);
-    y = y * r + V::splat(4.1665795894e-2f);
-    y = y * r + V::splat(1.6666665459e-1f);
-    y = y * r + V::splat(5.0000001201e-1f);
-    y = y * r * r + r + one;
-    const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
-    V::vec pow2n;
-    std::memcpy(&pow2n, &bits, sizeof(pow2n));
-    const V::vec result = xin < lo ? V::splat(0.0f) : y * pow2n;
-    V::store(out + v * V::lanes, result);
+  if constexpr (!std::is_same<T, float>::value) {
+    for (int t = 0; t < kKeyTile; ++t) out[t] = std::exp(x[t]);
+  } else {
+    using V = Simd<float, W>;
+    typedef int32_t ivec __attribute__((vector_size(W)));
+    const typename V::vec lo = V::splat(-87.3f), hi = V::splat(88.3f), one = V::splat(1.0f);
+    for (int v = 0; v < V::per_tile; ++v) {
+      const typename V::vec xin = V::load(x + v * V::lanes);
+      typename V::vec xc = xin < lo ? lo : xin;
+      xc = xc > hi ? hi : xc;
+      const typename V::vec fx = xc * V::splat(1.44269504088896341f) + V::splat(0.5f);
+      typename V::vec n = __builtin_convertvector(__builtin_convertvector(fx, ivec), typename V::vec);  // trunc
+      n = n > fx ? n - one : n;                                                                           // floor
+      const typename V::vec r = xc - n * V::splat(0.693359375f) - n * V::splat(-2.12194440e-4f);
+      typename V::vec y = V::splat(1.9875691500e-4f);
+      y = y * r + V::splat(1.3981999507e-3f);
+      y = y * r + V::splat(8.3334519073e-3f);
+      y = y * r + V::splat(4.1665795894e-2f);
+      y = y * r + V::splat(1.6666665459e-1f);
+      y = y * r + V::splat(5.0000001201e-1f);
+      y = y * r * r + r + one;
+      const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+      typename V::vec pow2n;
+      std::memcpy(&pow2n, &bits, sizeof(pow2n));
+      const typename V::vec result = xin < lo ? V::splat(0.0f) : y * pow2n;
+      V::store(out + v * V::lanes, result);
+    }
   }
 }
 
@@ -109,9 +112,10 @@ GF_ALWAYS_INLINE T dot(const T* a, const T* b, int64_t n) {
 }
 
 // out[i][t] = <x_i, column t of the transposed tile> for the kQueryBlock rows x_i (row stride Dh)
-template <typename T>
-GF_ALWAYS_INLINE void block_tile_dots(const T* x, const T* tile, int64_t Dh, Block<T>& out) {
-  using V = Simd<T>;
+template <typename T, int W>
+GF_ALWAYS_INLINE void block_tile_dots(const T* x, const T* tile, int64_t Dh, Block<T, query_block(W)>& out) {
+  using V = Simd<T, W>;
+  constexpr int kQueryBlock = query_block(W);
   typename V::vec acc[kQueryBlock][V::per_tile] = {};
   for (int64_t d = 0; d < Dh; ++d) {
     typename V::vec col[V::per_tile];
@@ -127,9 +131,10 @@ GF_ALWAYS_INLINE void block_tile_dots(const T* x, const T* tile, int64_t Dh, Blo
 
 // acc_i[d] += sum_{t < n} w[i][t] * rows[t][d] for the kQueryBlock rows acc_i (row stride Dh):
 // softmax(scores) @ V in the forward, dS @ K in the backward
-template <typename T>
-GF_ALWAYS_INLINE void block_combine_rows(T* acc, const Block<T>& w, const T* const* rows, int64_t n, int64_t Dh) {
-  using V = Simd<T>;
+template <typename T, int W>
+GF_ALWAYS_INLINE void block_combine_rows(T* acc, const Block<T, query_block(W)>& w, const T* const* rows, int64_t n, int64_t Dh) {
+  using V = Simd<T, W>;
+  constexpr int kQueryBlock = query_block(W);
   int64_t d0 = 0;
   for (; d0 + V::lanes <= Dh; d0 += V::lanes) {
     typename V::vec a[kQueryBlock];
@@ -149,9 +154,10 @@ GF_ALWAYS_INLINE void block_combine_rows(T* acc, const Block<T>& w, const T* con
 }
 
 // tile[d][t] += sum_i x_i[d] * w[i][t]: dK = dS^T Q and dV = P^T dO, accumulated transposed
-template <typename T>
-GF_ALWAYS_INLINE void block_tile_outer_add(const T* x, const Block<T>& w, int64_t Dh, T* tile) {
-  using V = Simd<T>;
+template <typename T, int W>
+GF_ALWAYS_INLINE void block_tile_outer_add(const T* x, const Block<T, query_block(W)>& w, int64_t Dh, T* tile) {
+  using V = Simd<T, W>;
+  constexpr int kQueryBlock = query_block(W);
   typename V::vec wv[kQueryBlock][V::per_tile];
   for (int i = 0; i < kQueryBlock; ++i)
     for (int v = 0; v < V::per_tile; ++v) wv[i][v] = V::load(&w[i][v * V::lanes]);
@@ -228,25 +234,9 @@ GF_ALWAYS_INLINE void zero_columns(int64_t t_begin, int64_t Dh, T* dst) {
     for (int64_t t = t_begin; t < kKeyTile; ++t) dst[d * kKeyTile + t] = T(0);
 }
 
-// Asks for the (S, H, Dh) rows of sequence (k, m) ahead of use: the rows of one sequence are
-// strided by H * Dh, a pattern the hardware prefetcher follows poorly across pages.
-template <typename T>
-GF_ALWAYS_INLINE void prefetch_sequence(const T* base, const SuffixStrides& st, int64_t k, int64_t m,
-                                        const PrefixAttentionShape& sh) {
-  const int64_t bytes = sh.Dh * static_cast<int64_t>(sizeof(T));
-  for (int64_t s = 0; s < sh.S; ++s)
-    for (int64_t h = 0; h < sh.H; ++h) {
-      const char* row = reinterpret_cast<const char*>(base + suffix_offset(st, k, m, s, h));
-      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b);
-    }
-}
-
-GF_ALWAYS_INLINE SuffixStrides dense_strides(const PrefixAttentionShape& sh) {
-  return {sh.M * sh.S * sh.H * sh.Dh, sh.S * sh.H * sh.Dh, sh.H * sh.Dh, sh.Dh};
-}
 
 // rows s0 .. s0 + kQueryBlock - 1 of one sequence into a dense block; rows past S are zero
-template <typename T, typename RowFn>
+template <int kQueryBlock, typename T, typename RowFn>
 GF_ALWAYS_INLINE void load_block(RowFn row, int64_t s0, int64_t S, int64_t Dh, T* dst) {
   for (int i = 0; i < kQueryBlock; ++i) {
     if (s0 + i < S) std::copy(row(s0 + i), row(s0 + i) + Dh, dst + i * Dh);
@@ -268,8 +258,9 @@ struct TaskSplit {
 
 // ------------------------------------------------------------------------------------------ forward
 
-template <typename T>
+template <typename T, int W>
 GF_ALWAYS_INLINE void forward_tasks(const Inputs<T>& in, T* out, T* lse, int64_t m_chunk, int64_t begin, int64_t end) {
+  constexpr int kQueryBlock = query_block(W);
   const PrefixAttentionShape sh = in.shape;
   const int64_t Dh = sh.Dh, S = sh.S;
   const T scale = static_cast<T>(in.scale);
@@ -280,7 +271,7 @@ GF_ALWAYS_INLINE void forward_tasks(const Inputs<T>& in, T* out, T* lse, int64_t
   std::vector<T> buffer(sh.H * head_elems + 2 * kQueryBlock * Dh);
   T* q = buffer.data() + sh.H * head_elems;
   T* acc = q + kQueryBlock * Dh;
-  Block<T> sc, w;
+  Block<T, kQueryBlock> sc, w;
   const T* rows[kKeyTile];
   OnlineSoftmax<T> softmax[kQueryBlock];
   for (int64_t task = begin; task < end; ++task) {
@@ -298,11 +289,6 @@ GF_ALWAYS_INLINE void forward_tasks(const Inputs<T>& in, T* out, T* lse, int64_t
     }
     // heads innermost: the (S, H, Dh) block of one sequence is read as one contiguous stretch
     for (int64_t m = m_begin; m < m_end; ++m) {
-      if (m + 1 < m_end) {
-        prefetch_sequence(in.q, in.sq, k, m + 1, sh);
-        prefetch_sequence(in.k, in.sk, k, m + 1, sh);
-        prefetch_sequence(in.v, in.sv, k, m + 1, sh);
-      }
       for (int64_t h = 0; h < sh.H; ++h) {
       T* key_tiles = buffer.data() + h * head_elems;
       for (int64_t tile = tiling.static_tiles; tile < tiling.tiles; ++tile) {
@@ -311,7 +297,7 @@ GF_ALWAYS_INLINE void forward_tasks(const Inputs<T>& in, T* out, T* lse, int64_t
                           tiling.size(tile), Dh, key_tiles + tile * tile_elems);
       }
       for (int64_t s0 = 0; s0 < S; s0 += kQueryBlock) {
-        load_block<T>([&](int64_t s) { return in.q + suffix_offset(in.sq, k, m, s, h); }, s0, S, Dh, q);
+        load_block<kQueryBlock, T>([&](int64_t s) { return in.q + suffix_offset(in.sq, k, m, s, h); }, s0, S, Dh, q);
         std::fill(acc, acc + kQueryBlock * Dh, T(0));
         for (int i = 0; i < kQueryBlock; ++i) softmax[i].init();
         for (int64_t tile = 0; tile < tiling.tiles; ++tile) {
@@ -319,7 +305,7 @@ GF_ALWAYS_INLINE void forward_tasks(const Inputs<T>& in, T* out, T* lse, int64_t
           const int64_t n_max = tiling.visible(tile, std::min(S - 1, s0 + kQueryBlock - 1));
           if (n_max == 0) continue;
           const int64_t j0 = tiling.first_key(tile);
-          block_tile_dots(q, key_tiles + tile * tile_elems, Dh, sc);
+          block_tile_dots<T, W>(q, key_tiles + tile * tile_elems, Dh, sc);
           for (int i = 0; i < kQueryBlock; ++i) {
             const int64_t n = tiling.visible(tile, s0 + i < S ? s0 + i : -1);
             if (n == 0) {
@@ -339,13 +325,13 @@ GF_ALWAYS_INLINE void forward_tasks(const Inputs<T>& in, T* out, T* lse, int64_t
               for (int64_t d = 0; d < Dh; ++d) a[d] *= alpha;
             }
             for (int t = 0; t < kKeyTile; ++t) row[t] -= softmax[i].max;
-            exp_row(row, w[i]);
+            exp_row<T, W>(row, w[i]);
             T sum = 0;
             for (int t = 0; t < kKeyTile; ++t) sum += w[i][t];
             softmax[i].sum += sum;
           }
           for (int64_t t = 0; t < n_max; ++t) rows[t] = value_ptr(in, k, m, h, j0 + t);
-          block_combine_rows(acc, w, rows, n_max, Dh);
+          block_combine_rows<T, W>(acc, w, rows, n_max, Dh);
         }
         for (int i = 0; i < kQueryBlock && s0 + i < S; ++i) {
           const T inv = softmax[i].inv_sum();
@@ -363,19 +349,26 @@ GF_ALWAYS_INLINE void forward_tasks(const Inputs<T>& in, T* out, T* lse, int64_t
 
 template <typename T>
 GF_TARGET_AVX2 void forward_tasks_avx2(const Inputs<T>& in, T* out, T* lse, int64_t m_chunk, int64_t b, int64_t e) {
-  forward_tasks<T>(in, out, lse, m_chunk, b, e);
+  forward_tasks<T, 32>(in, out, lse, m_chunk, b, e);
 }
 template <typename T>
 void forward_tasks_baseline(const Inputs<T>& in, T* out, T* lse, int64_t m_chunk, int64_t b, int64_t e) {
-  forward_tasks<T>(in, out, lse, m_chunk, b, e);
+  forward_tasks<T, 32>(in, out, lse, m_chunk, b, e);
 }
 
-bool cpu_has_avx2() {
-#if GF_HAVE_AVX2_CLONE
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
+enum class Isa { kBaseline, kAvx2 };
+
+// The best clone this CPU runs; GUIDG_FAST_CPU_ISA=baseline forces the portable one (tests run both).
+// (A 64-byte-vector AVX-512 clone with 8-query blocks measured slower than AVX2 on a Xeon with
+// AVX-512, so there is none.)
+Isa cpu_isa() {
+#if GF_HAVE_ISA_CLONES
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* cap = std::getenv("GUIDG_FAST_CPU_ISA");
+  if (cap != nullptr && std::strcmp(cap, "baseline") == 0) return Isa::kBaseline;
+  return avx2 ? Isa::kAvx2 : Isa::kBaseline;
 #else
-  return false;
+  return Isa::kBaseline;
 #endif
 }
 
@@ -394,8 +387,9 @@ struct Grads {
   int64_t m_chunk;
 };
 
-template <typename T>
+template <typename T, int W>
 GF_ALWAYS_INLINE void backward_tasks(const Inputs<T>& in, const Grads<T>& g, int64_t begin, int64_t end) {
+  constexpr int kQueryBlock = query_block(W);
   const PrefixAttentionShape sh = in.shape;
   const int64_t Dh = sh.Dh, P = sh.P, S = sh.S;
   const T scale = static_cast<T>(in.scale);
@@ -409,7 +403,7 @@ GF_ALWAYS_INLINE void backward_tasks(const Inputs<T>& in, const Grads<T>& g, int
   T* q = buffer.data() + 4 * sh.H * all_tiles;
   T* dout = q + kQueryBlock * Dh;
   T* dq = dout + kQueryBlock * Dh;
-  Block<T> sc, dp, p, ds;
+  Block<T, kQueryBlock> sc, dp, p, ds;
   const T* rows[kKeyTile];
   T delta[kQueryBlock], lse[kQueryBlock];
   for (int64_t task = begin; task < end; ++task) {
@@ -431,15 +425,7 @@ GF_ALWAYS_INLINE void backward_tasks(const Inputs<T>& in, const Grads<T>& g, int
       std::fill(value_tiles + all_tiles, value_tiles + 3 * all_tiles, T(0));  // dK, dV accumulators
     }
     // heads innermost: the (S, H, Dh) block of one sequence is read as one contiguous stretch
-    const SuffixStrides dense = dense_strides(sh);
     for (int64_t m = m_begin; m < m_end; ++m) {
-      if (m + 1 < m_end) {
-        prefetch_sequence(in.q, in.sq, k, m + 1, sh);
-        prefetch_sequence(in.k, in.sk, k, m + 1, sh);
-        prefetch_sequence(in.v, in.sv, k, m + 1, sh);
-        prefetch_sequence(g.grad_out, dense, k, m + 1, sh);
-        prefetch_sequence(g.out, dense, k, m + 1, sh);
-      }
       for (int64_t h = 0; h < sh.H; ++h) {
         T* key_tiles = buffer.data() + 4 * h * all_tiles;
         T* value_tiles = key_tiles + all_tiles;
@@ -454,8 +440,8 @@ GF_ALWAYS_INLINE void backward_tasks(const Inputs<T>& in, const Grads<T>& g, int
                             value_tiles + tile * tile_elems);
         }
         for (int64_t s0 = 0; s0 < S; s0 += kQueryBlock) {
-          load_block<T>([&](int64_t s) { return in.q + suffix_offset(in.sq, k, m, s, h); }, s0, S, Dh, q);
-          load_block<T>([&](int64_t s) { return g.grad_out + dense_row(sh, k, m, s, h) * Dh; }, s0, S, Dh, dout);
+          load_block<kQueryBlock, T>([&](int64_t s) { return in.q + suffix_offset(in.sq, k, m, s, h); }, s0, S, Dh, q);
+          load_block<kQueryBlock, T>([&](int64_t s) { return g.grad_out + dense_row(sh, k, m, s, h) * Dh; }, s0, S, Dh, dout);
           for (int i = 0; i < kQueryBlock; ++i) {
             const bool used = s0 + i < S;
             delta[i] = used ? dot(dout + i * Dh, g.out + dense_row(sh, k, m, s0 + i, h) * Dh, Dh) : T(0);
@@ -466,19 +452,19 @@ GF_ALWAYS_INLINE void backward_tasks(const Inputs<T>& in, const Grads<T>& g, int
             const int64_t n_max = tiling.visible(tile, std::min(S - 1, s0 + kQueryBlock - 1));
             if (n_max == 0) continue;
             const int64_t j0 = tiling.first_key(tile);
-            block_tile_dots(q, key_tiles + tile * tile_elems, Dh, sc);
-            block_tile_dots(dout, value_tiles + tile * tile_elems, Dh, dp);
+            block_tile_dots<T, W>(q, key_tiles + tile * tile_elems, Dh, sc);
+            block_tile_dots<T, W>(dout, value_tiles + tile * tile_elems, Dh, dp);
             for (int i = 0; i < kQueryBlock; ++i) {
               const int64_t n = tiling.visible(tile, s0 + i < S ? s0 + i : -1);
               // p = exp(scale * qk - lse) (recompute_probability), vectorised over the tile
               for (int t = 0; t < kKeyTile; ++t) sc[i][t] = t < n ? scale * sc[i][t] - lse[i] : -INFINITY;
-              exp_row(sc[i], p[i]);
+              exp_row<T, W>(sc[i], p[i]);
               for (int t = 0; t < kKeyTile; ++t) ds[i][t] = score_gradient<T>(p[i][t], dp[i][t], delta[i]);
             }
             for (int64_t t = 0; t < n_max; ++t) rows[t] = key_ptr(in, k, m, h, j0 + t);
-            block_combine_rows(dq, ds, rows, n_max, Dh);
-            block_tile_outer_add(q, ds, Dh, dkey_tiles + tile * tile_elems);
-            block_tile_outer_add(dout, p, Dh, dvalue_tiles + tile * tile_elems);
+            block_combine_rows<T, W>(dq, ds, rows, n_max, Dh);
+            block_tile_outer_add<T, W>(q, ds, Dh, dkey_tiles + tile * tile_elems);
+            block_tile_outer_add<T, W>(dout, p, Dh, dvalue_tiles + tile * tile_elems);
           }
           for (int i = 0; i < kQueryBlock && s0 + i < S; ++i) {
             T* dst = g.dq + dense_row(sh, k, m, s0 + i, h) * Dh;
@@ -525,11 +511,11 @@ GF_ALWAYS_INLINE void backward_tasks(const Inputs<T>& in, const Grads<T>& g, int
 
 template <typename T>
 GF_TARGET_AVX2 void backward_tasks_avx2(const Inputs<T>& in, const Grads<T>& g, int64_t b, int64_t e) {
-  backward_tasks<T>(in, g, b, e);
+  backward_tasks<T, 32>(in, g, b, e);
 }
 template <typename T>
 void backward_tasks_baseline(const Inputs<T>& in, const Grads<T>& g, int64_t b, int64_t e) {
-  backward_tasks<T>(in, g, b, e);
+  backward_tasks<T, 32>(in, g, b, e);
 }
 
 // ----------------------------------------------------------------------------------------- launchers
@@ -599,9 +585,9 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_forward_cpu(const at::Tensor
     acc_t* lse_ptr = lse.data_ptr<acc_t>();
     // few, long tasks (8 per thread): the prefix tiles are transposed once per task
     const TaskSplit split(sh, 8 * static_cast<int64_t>(at::get_num_threads()));
-    const bool avx2 = cpu_has_avx2();
+    const Isa isa = cpu_isa();
     at::parallel_for(0, split.n_chunks * sh.K, 1, [&](int64_t b, int64_t e) {
-      if (avx2) forward_tasks_avx2<scalar_t>(in, out_ptr, lse_ptr, split.m_chunk, b, e);
+      if (isa == Isa::kAvx2) forward_tasks_avx2<scalar_t>(in, out_ptr, lse_ptr, split.m_chunk, b, e);
       else forward_tasks_baseline<scalar_t>(in, out_ptr, lse_ptr, split.m_chunk, b, e);
     });
   });
@@ -654,9 +640,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
                              n_chunks == 1 ? dkp.data_ptr<acc_t>() : partial.data_ptr<acc_t>(),
                              n_chunks == 1 ? dvp.data_ptr<acc_t>() : partial.data_ptr<acc_t>() + partial.size(1) * dkp.numel(),
                              m_chunk};
-    const bool avx2 = cpu_has_avx2();
+    const Isa isa = cpu_isa();
     at::parallel_for(0, n_chunks * sh.K, 1, [&](int64_t b, int64_t e) {
-      if (avx2) backward_tasks_avx2<scalar_t>(in, g, b, e);
+      if (isa == Isa::kAvx2) backward_tasks_avx2<scalar_t>(in, g, b, e);
       else backward_tasks_baseline<scalar_t>(in, g, b, e);
     });
     if (n_chunks > 1) {
