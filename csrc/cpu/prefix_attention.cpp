@@ -648,7 +648,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
       const acc_t* src = partial.data_ptr<acc_t>();
       acc_t* dst_k = dkp.data_ptr<acc_t>();
       acc_t* dst_v = dvp.data_ptr<acc_t>();
-      at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
+      // a few adds per element: one thread unless the partials are large (waking threads costs more)
+      at::parallel_for(0, n, std::max<int64_t>(4096, (int64_t(1) << 20) / n_chunks), [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
           acc_t sk = 0, sv = 0;
           for (int64_t c = 0; c < n_chunks; ++c) {
