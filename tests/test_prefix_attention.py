@@ -26,7 +26,10 @@ ATTN_SHAPES_SMALL = [(2, 3, 5, 4, 2, 24), (1, 1, 1, 1, 1, 64), (1, 2, 17, 18, 1,
 
 def _attn_inputs(shape, dtype=torch.float32, fused_qkv=False, device="cpu"):
     K, M, S, P, H, Dh = shape
-    if fused_qkv:  # slices of one (K, M, S, 3, H, Dh) projection output: non-contiguous views
+    if fused_qkv == "strided_dh":  # the head dimension itself is strided: the kernels must copy
+        q, k, v = (torch.randn(K, M, S, Dh, H, dtype=dtype, device=device).transpose(-1, -2) for _ in range(3))
+        kp, vp = (torch.randn(K, P, Dh, H, dtype=dtype, device=device).transpose(-1, -2) for _ in range(2))
+    elif fused_qkv:  # slices of one (K, M, S, 3, H, Dh) projection output: non-contiguous views
         qkv = torch.randn(K, M, S, 3, H, Dh, dtype=dtype, device=device)
         q, k, v = qkv.unbind(dim=3)
         kvp = torch.randn(K, P, 2, H, Dh, dtype=dtype, device=device)
@@ -204,12 +207,28 @@ def _attn_shapes(backend):
 
 
 @pytest.mark.parametrize("backend", cpu_backends("prefix_attention"))
-@pytest.mark.parametrize("fused_qkv", [False, True], ids=["dense", "qkv_views"])
+@pytest.mark.parametrize("fused_qkv", [False, True, "strided_dh"], ids=["dense", "qkv_views", "strided_dh"])
 def test_prefix_attention_fused_matches_eager(backend, fused_qkv, poison):
     for shape in _attn_shapes(backend):
         inputs = _attn_inputs(shape, fused_qkv=fused_qkv)
         grad_out = torch.randn(inputs[0].shape)
         with ops.use_backend(backend):
+            out, grads = _grads(ops.prefix_attention, inputs, grad_out)
+        want, want_grads = _grads(ops.prefix_attention_eager, inputs, grad_out)
+        assert_close(out, want, f"out {shape}")
+        for name, g, w in zip(NAMES, grads, want_grads):
+            assert_close(g, w, f"grad {name} {shape}")
+
+
+def test_prefix_attention_ext_portable_clone(poison, monkeypatch):
+    """The C++ CPU kernels are compiled for AVX2 and for the baseline ISA; run the baseline one too."""
+    if "ext" not in _backend.available("prefix_attention", "cpu"):
+        pytest.skip("guidg_fast._C has no prefix_attention kernel")
+    monkeypatch.setenv("GUIDG_FAST_CPU_ISA", "baseline")
+    for shape in (ATTN_SHAPES[1], ATTN_SHAPES[4], ATTN_SHAPES[5]):
+        inputs = _attn_inputs(shape, fused_qkv=True)
+        grad_out = torch.randn(inputs[0].shape)
+        with ops.use_backend("ext"):
             out, grads = _grads(ops.prefix_attention, inputs, grad_out)
         want, want_grads = _grads(ops.prefix_attention_eager, inputs, grad_out)
         assert_close(out, want, f"out {shape}")

@@ -17,6 +17,12 @@ namespace guidg_fast {
 namespace {
 
 // GUIDG_FAST_POISON=1 (tests): outputs start as NaN, so an element a kernel forgets to write shows.
+// Rows per parallel_for task: a row pass costs a few flops per element, so below ~1M elements one
+// thread finishes sooner than a parallel region can wake the others (which, on a busy machine, can
+// cost milliseconds).
+constexpr int64_t kSerialElements = int64_t(1) << 20;
+int64_t row_grain(int64_t row_elems) { return std::max<int64_t>(1, kSerialElements / std::max<int64_t>(row_elems, 1)); }
+
 bool poison_outputs() {
   const char* flag = std::getenv("GUIDG_FAST_POISON");
   return flag != nullptr && std::strcmp(flag, "1") == 0;
@@ -59,7 +65,7 @@ void gather_layer_norm(const at::Tensor& x, const int64_t* eot, const scalar_t* 
   const int64_t N = x.size(0), S = x.size(1), W = x.size(2);
   const int64_t sn = x.stride(0), ss = x.stride(1);
   const scalar_t* xp = x.data_ptr<scalar_t>();
-  at::parallel_for(0, N, std::max<int64_t>(1, 8192 / W), [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, N, row_grain(W), [&](int64_t lo, int64_t hi) {
     for (int64_t n = lo; n < hi; ++n) {
       const int64_t row = eot[n];
       TORCH_CHECK(row >= 0 && row < S, "eot_project: eot_index[", n, "] = ", row, " is outside [0, ", S, ")");
@@ -86,7 +92,7 @@ void gather_layer_norm(const at::Tensor& x, const int64_t* eot, const scalar_t* 
 
 template <typename scalar_t>
 void normalize_rows(const scalar_t* zp, int64_t N, int64_t D, scalar_t* op, scalar_t* inv) {
-  at::parallel_for(0, N, std::max<int64_t>(1, 8192 / std::max<int64_t>(D, 1)), [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, N, row_grain(D), [&](int64_t lo, int64_t hi) {
     for (int64_t n = lo; n < hi; ++n) {
       const scalar_t* zr = zp + n * D;
       scalar_t sq = 0;
@@ -104,7 +110,7 @@ void normalize_rows(const scalar_t* zp, int64_t N, int64_t D, scalar_t* op, scal
 template <typename scalar_t>
 void backward_rows(const scalar_t* gp, const scalar_t* op, const scalar_t* inv, const scalar_t* xh, const scalar_t* wp,
                    const scalar_t* bp, int64_t N, int64_t W, int64_t D, scalar_t* gzp, scalar_t* yp) {
-  at::parallel_for(0, N, std::max<int64_t>(1, 8192 / std::max<int64_t>(W + D, 1)), [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, N, row_grain(W + D), [&](int64_t lo, int64_t hi) {
     for (int64_t n = lo; n < hi; ++n) {
       const scalar_t* gr = gp + n * D;
       const scalar_t* orow = op + n * D;
@@ -125,7 +131,7 @@ void layer_norm_backward_rows(const scalar_t* gyp, const scalar_t* xh, const sca
                               const int64_t* e, int64_t N, int64_t S, int64_t W, scalar_t* dxp, scalar_t* dwp,
                               scalar_t* dbp) {
   using acc_t = scalar_t;
-  at::parallel_for(0, N, std::max<int64_t>(1, 8192 / W), [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, N, row_grain(W), [&](int64_t lo, int64_t hi) {
     for (int64_t n = lo; n < hi; ++n) {
       const scalar_t* gr = gyp + n * W;
       const scalar_t* xr = xh + n * W;
@@ -143,7 +149,7 @@ void layer_norm_backward_rows(const scalar_t* gyp, const scalar_t* xh, const sca
     }
   });
   // each column chunk belongs to one task: no two tasks write one dw / db element
-  at::parallel_for(0, W, 64, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, W, std::max<int64_t>(64, row_grain(N)), [&](int64_t lo, int64_t hi) {
     std::fill(dwp + lo, dwp + hi, scalar_t(0));
     std::fill(dbp + lo, dbp + hi, scalar_t(0));
     for (int64_t n = 0; n < N; ++n) {

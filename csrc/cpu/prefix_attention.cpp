@@ -16,19 +16,21 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "prefix_attention.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define GF_HAVE_AVX2_CLONE 1
+#define GF_HAVE_ISA_CLONES 1
 #define GF_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #else
-#define GF_HAVE_AVX2_CLONE 0
+#define GF_HAVE_ISA_CLONES 0
 #define GF_TARGET_AVX2
 #endif
 #define GF_ALWAYS_INLINE __attribute__((always_inline)) inline
@@ -40,23 +42,63 @@ namespace guidg_fast {
 namespace {
 
 constexpr int kKeyTile = 16;
-constexpr int kQueryBlock = 4;
 
-// 32-byte vectors through the GCC / clang vector extension: ymm registers in the AVX2 clone, pairs
-// of xmm registers in the baseline one.
-template <typename T>
+// kBytes-wide vectors through the GCC / clang vector extension: ymm registers in the AVX2 clone,
+// pairs of xmm registers in the baseline one.
+template <typename T, int kBytes>
 struct Simd {
-  typedef T vec __attribute__((vector_size(32)));
-  typedef T unaligned_vec __attribute__((vector_size(32), aligned(alignof(T))));
-  static constexpr int lanes = 32 / sizeof(T);
+  typedef T vec __attribute__((vector_size(kBytes)));
+  typedef T unaligned_vec __attribute__((vector_size(kBytes), aligned(alignof(T))));
+  static constexpr int lanes = kBytes / static_cast<int>(sizeof(T));
   static constexpr int per_tile = kKeyTile / lanes;  // vectors per row of a transposed tile
   static GF_ALWAYS_INLINE vec load(const T* p) { return *reinterpret_cast<const unaligned_vec*>(p); }
   static GF_ALWAYS_INLINE void store(T* p, vec v) { *reinterpret_cast<unaligned_vec*>(p) = v; }
+  // (a lane-by-lane fill, or x - vec{}, measured up to 1.6x slower in the micro-kernels with GCC 12)
   static GF_ALWAYS_INLINE vec splat(T x) { return vec{} + x; }
 };
 
-template <typename T>
-using Block = T[kQueryBlock][kKeyTile];
+// Queries per block: enough independent accumulators (QB x kKeyTile / lanes = 8 vectors) to hide the
+// FMA latency, few enough to stay in registers.
+constexpr int query_block(int bytes) { return bytes >= 64 ? 8 : 4; }
+
+template <typename T, int QB>
+using Block = T[QB][kKeyTile];
+
+// out[t] = exp(x[t]) over one row of a score block (x = -inf gives 0). float: a vectorised
+// Cephes-style expf (range reduction by ln 2, degree-6 polynomial, exponent bits), within 2 ulp of
+// expf over the range that matters; inputs below -87.3 give 0 (the true value is below FLT_MIN, under
+// 1e-37 relative to the running sum of at least 1). double: std::exp.
+template <typename T, int W>
+GF_ALWAYS_INLINE void exp_row(const T* x, T* out) {
+  if constexpr (!std::is_same<T, float>::value) {
+    for (int t = 0; t < kKeyTile; ++t) out[t] = std::exp(x[t]);
+  } else {
+    using V = Simd<float, W>;
+    typedef int32_t ivec __attribute__((vector_size(W)));
+    const typename V::vec lo = V::splat(-87.3f), hi = V::splat(88.3f), one = V::splat(1.0f);
+    for (int v = 0; v < V::per_tile; ++v) {
+      const typename V::vec xin = V::load(x + v * V::lanes);
+      typename V::vec xc = xin < lo ? lo : xin;
+      xc = xc > hi ? hi : xc;
+      const typename V::vec fx = xc * V::splat(1.44269504088896341f) + V::splat(0.5f);
+      typename V::vec n = __builtin_convertvector(__builtin_convertvector(fx, ivec), typename V::vec);  // trunc
+      n = n > fx ? n - one : n;                                                                           // floor
+      const typename V::vec r = xc - n * V::splat(0.693359375f) - n * V::splat(-2.12194440e-4f);
+      typename V::vec y = V::splat(1.9875691500e-4f);
+      y = y * r + V::splat(1.3981999507e-3f);
+      y = y * r + V::splat(8.3334519073e-3f);
+      y = y * r + V::splat(4.1665795894e-2f);
+      y = y * r + V::splat(1.6666665459e-1f);
+      y = y * r + V::splat(5.0000001201e-1f);
+      y = y * r * r + r + one;
+      const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+      typename V::vec pow2n;
+      std::memcpy(&pow2n, &bits, sizeof(pow2n));
+      const typename V::vec result = xin < lo ? V::splat(0.0f) : y * pow2n;
+      V::store(out + v * V::lanes, result);
+    }
+  }
+}
 
 template <typename T>
 GF_ALWAYS_INLINE T dot(const T* a, const T* b, int64_t n) {
@@ -67,9 +109,10 @@ GF_ALWAYS_INLINE T dot(const T* a, const T* b, int64_t n) {
 }
 
 // out[i][t] = <x_i, column t of the transposed tile> for the kQueryBlock rows x_i (row stride Dh)
-template <typename T>
-GF_ALWAYS_INLINE void block_tile_dots(const T* x, const T* tile, int64_t Dh, Block<T>& out) {
-  using V = Simd<T>;
+template <typename T, int W>
+GF_ALWAYS_INLINE void block_tile_dots(const T* x, const T* tile, int64_t Dh, Block<T, query_block(W)>& out) {
+  using V = Simd<T, W>;
+  constexpr int kQueryBlock = query_block(W);
   typename V::vec acc[kQueryBlock][V::per_tile] = {};
   for (int64_t d = 0; d < Dh; ++d) {
     typename V::vec col[V::per_tile];
@@ -85,9 +128,10 @@ GF_ALWAYS_INLINE void block_tile_dots(const T* x, const T* tile, int64_t Dh, Blo
 
 // acc_i[d] += sum_{t < n} w[i][t] * rows[t][d] for the kQueryBlock rows acc_i (row stride Dh):
 // softmax(scores) @ V in the forward, dS @ K in the backward
-template <typename T>
-GF_ALWAYS_INLINE void block_combine_rows(T* acc, const Block<T>& w, const T* const* rows, int64_t n, int64_t Dh) {
-  using V = Simd<T>;
+template <typename T, int W>
+GF_ALWAYS_INLINE void block_combine_rows(T* acc, const Block<T, query_block(W)>& w, const T* const* rows, int64_t n, int64_t Dh) {
+  using V = Simd<T, W>;
+  constexpr int kQueryBlock = query_block(W);
   int64_t d0 = 0;
   for (; d0 + V::lanes <= Dh; d0 += V::lanes) {
     typename V::vec a[kQueryBlock];
@@ -107,9 +151,10 @@ GF_ALWAYS_INLINE void block_combine_rows(T* acc, const Block<T>& w, const T* con
 }
 
 // tile[d][t] += sum_i x_i[d] * w[i][t]: dK = dS^T Q and dV = P^T dO, accumulated transposed
-template <typename T>
-GF_ALWAYS_INLINE void block_tile_outer_add(const T* x, const Block<T>& w, int64_t Dh, T* tile) {
-  using V = Simd<T>;
+template <typename T, int W>
+GF_ALWAYS_INLINE void block_tile_outer_add(const T* x, const Block<T, query_block(W)>& w, int64_t Dh, T* tile) {
+  using V = Simd<T, W>;
+  constexpr int kQueryBlock = query_block(W);
   typename V::vec wv[kQueryBlock][V::per_tile];
   for (int i = 0; i < kQueryBlock; ++i)
     for (int v = 0; v < V::per_tile; ++v) wv[i][v] = V::load(&w[i][v * V::lanes]);
@@ -148,61 +193,47 @@ GF_ALWAYS_INLINE const scalar_t* value_ptr(const Inputs<scalar_t>& in, int64_t k
   return j < P ? in.vp + prefix_offset(in.svp, k, j, h) : in.v + suffix_offset(in.sv, k, m, j - P, h);
 }
 
-// Tiles never straddle the prefix / suffix boundary: prefix tiles cover keys [0, P), suffix tiles
-// [P, P + S); a key's global index j numbers the prefix first.
+// Tiles cut the key sequence [prefix 0..P-1, suffix 0..S-1] (global key index j) every kKeyTile
+// keys. Tiles entirely inside the prefix are the same for every sequence of an expert; the others
+// ("dynamic") start with the prefix remainder and continue with the sequence's own suffix keys, so
+// P = 17, S = 8 needs 2 tiles, not 3.
 struct Tiling {
-  int64_t P, S, prefix_tiles, suffix_tiles;
+  int64_t P, S, n_keys, tiles, static_tiles;
   explicit Tiling(const PrefixAttentionShape& sh)
-      : P(sh.P), S(sh.S), prefix_tiles((sh.P + kKeyTile - 1) / kKeyTile), suffix_tiles((sh.S + kKeyTile - 1) / kKeyTile) {}
-  int64_t tiles() const { return prefix_tiles + suffix_tiles; }
-  int64_t first_key(int64_t tile) const {
-    return tile < prefix_tiles ? tile * kKeyTile : P + (tile - prefix_tiles) * kKeyTile;
+      : P(sh.P), S(sh.S), n_keys(sh.P + sh.S), tiles((sh.P + sh.S + kKeyTile - 1) / kKeyTile),
+        static_tiles(sh.P / kKeyTile) {}
+  int64_t first_key(int64_t tile) const { return tile * kKeyTile; }
+  int64_t size(int64_t tile) const { return std::min<int64_t>(kKeyTile, n_keys - tile * kKeyTile); }
+  // leading columns of the tile that are prefix keys
+  int64_t prefix_columns(int64_t tile) const {
+    return std::max<int64_t>(0, std::min<int64_t>(size(tile), P - tile * kKeyTile));
   }
-  int64_t size(int64_t tile) const {
-    return tile < prefix_tiles ? std::min<int64_t>(kKeyTile, P - tile * kKeyTile)
-                               : std::min<int64_t>(kKeyTile, S - (tile - prefix_tiles) * kKeyTile);
-  }
-  // how many keys of the tile query s sees (0: none); query s < 0 marks an unused block row
+  // how many keys of the tile query s sees (query s sees keys j <= P + s); s < 0: an unused block row
   int64_t visible(int64_t tile, int64_t s) const {
     if (s < 0) return 0;
-    if (tile < prefix_tiles) return size(tile);
-    const int64_t first = (tile - prefix_tiles) * kKeyTile;
-    return std::max<int64_t>(0, std::min<int64_t>(size(tile), s - first + 1));
+    return std::max<int64_t>(0, std::min<int64_t>(size(tile), P + s + 1 - tile * kKeyTile));
   }
 };
 
-// dst[d * kKeyTile + t] = row(t)[d] for t < n; with pad, 0 for t >= n (a tile buffer refilled with
-// the same n keeps its zero columns, so they are written once per task)
+// dst[d * kKeyTile + t] = row(t)[d] for t in [t_begin, t_end)
 template <typename T, typename RowFn>
-GF_ALWAYS_INLINE void transpose_tile(RowFn row, int64_t n, int64_t Dh, T* dst, bool pad) {
-  for (int64_t t = 0; t < n; ++t) {
+GF_ALWAYS_INLINE void transpose_rows(RowFn row, int64_t t_begin, int64_t t_end, int64_t Dh, T* dst) {
+  for (int64_t t = t_begin; t < t_end; ++t) {
     const T* r = row(t);
     for (int64_t d = 0; d < Dh; ++d) dst[d * kKeyTile + t] = r[d];
   }
-  if (!pad) return;
-  for (int64_t t = n; t < kKeyTile; ++t)
-    for (int64_t d = 0; d < Dh; ++d) dst[d * kKeyTile + t] = T(0);
 }
 
-// Asks for the (S, H, Dh) rows of sequence (k, m) ahead of use: the rows of one sequence are
-// strided by H * Dh, a pattern the hardware prefetcher follows poorly across pages.
+// zero columns [t_begin, kKeyTile) of a transposed tile
 template <typename T>
-GF_ALWAYS_INLINE void prefetch_sequence(const T* base, const SuffixStrides& st, int64_t k, int64_t m,
-                                        const PrefixAttentionShape& sh) {
-  const int64_t bytes = sh.Dh * static_cast<int64_t>(sizeof(T));
-  for (int64_t s = 0; s < sh.S; ++s)
-    for (int64_t h = 0; h < sh.H; ++h) {
-      const char* row = reinterpret_cast<const char*>(base + suffix_offset(st, k, m, s, h));
-      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b);
-    }
+GF_ALWAYS_INLINE void zero_columns(int64_t t_begin, int64_t Dh, T* dst) {
+  for (int64_t d = 0; d < Dh; ++d)
+    for (int64_t t = t_begin; t < kKeyTile; ++t) dst[d * kKeyTile + t] = T(0);
 }
 
-GF_ALWAYS_INLINE SuffixStrides dense_strides(const PrefixAttentionShape& sh) {
-  return {sh.M * sh.S * sh.H * sh.Dh, sh.S * sh.H * sh.Dh, sh.H * sh.Dh, sh.Dh};
-}
 
 // rows s0 .. s0 + kQueryBlock - 1 of one sequence into a dense block; rows past S are zero
-template <typename T, typename RowFn>
+template <int kQueryBlock, typename T, typename RowFn>
 GF_ALWAYS_INLINE void load_block(RowFn row, int64_t s0, int64_t S, int64_t Dh, T* dst) {
   for (int i = 0; i < kQueryBlock; ++i) {
     if (s0 + i < S) std::copy(row(s0 + i), row(s0 + i) + Dh, dst + i * Dh);
@@ -224,21 +255,20 @@ struct TaskSplit {
 
 // ------------------------------------------------------------------------------------------ forward
 
-template <typename T>
+template <typename T, int W>
 GF_ALWAYS_INLINE void forward_tasks(const Inputs<T>& in, T* out, T* lse, int64_t m_chunk, int64_t begin, int64_t end) {
+  constexpr int kQueryBlock = query_block(W);
   const PrefixAttentionShape sh = in.shape;
   const int64_t Dh = sh.Dh, S = sh.S;
   const T scale = static_cast<T>(in.scale);
   const Tiling tiling(sh);
   const int64_t tile_elems = Dh * kKeyTile;
-  const int64_t prefix_elems = tiling.prefix_tiles * tile_elems;
-  const int64_t suffix_elems = tiling.suffix_tiles * tile_elems;
-  // prefix tiles of every head of expert k, then the suffix tiles of the current (m, h)
-  std::vector<T> buffer(sh.H * prefix_elems + suffix_elems + 2 * kQueryBlock * Dh);
-  T* q = buffer.data() + sh.H * prefix_elems + suffix_elems;
+  const int64_t head_elems = tiling.tiles * tile_elems;
+  // the transposed key tiles of every head of expert k, then a query block and its accumulators
+  std::vector<T> buffer(sh.H * head_elems + 2 * kQueryBlock * Dh);
+  T* q = buffer.data() + sh.H * head_elems;
   T* acc = q + kQueryBlock * Dh;
-  T* suffix_tiles = buffer.data() + sh.H * prefix_elems;
-  Block<T> sc, w;
+  Block<T, kQueryBlock> sc, w;
   const T* rows[kKeyTile];
   OnlineSoftmax<T> softmax[kQueryBlock];
   for (int64_t task = begin; task < end; ++task) {
@@ -246,56 +276,59 @@ GF_ALWAYS_INLINE void forward_tasks(const Inputs<T>& in, T* out, T* lse, int64_t
     const int64_t chunk = task / sh.K;
     const int64_t m_begin = chunk * m_chunk, m_end = std::min(sh.M, m_begin + m_chunk);
     for (int64_t h = 0; h < sh.H; ++h) {
-      for (int64_t tile = 0; tile < tiling.prefix_tiles; ++tile) {
+      for (int64_t tile = 0; tile < tiling.tiles; ++tile) {
+        T* dst = buffer.data() + h * head_elems + tile * tile_elems;
         const int64_t j0 = tiling.first_key(tile);
-        transpose_tile<T>([&](int64_t t) { return key_ptr(in, k, 0, h, j0 + t); }, tiling.size(tile), Dh,
-                          buffer.data() + h * prefix_elems + tile * tile_elems, true);
+        transpose_rows<T>([&](int64_t t) { return key_ptr(in, k, 0, h, j0 + t); }, 0, tiling.prefix_columns(tile), Dh,
+                          dst);
+        zero_columns<T>(tiling.size(tile), Dh, dst);
       }
     }
     // heads innermost: the (S, H, Dh) block of one sequence is read as one contiguous stretch
     for (int64_t m = m_begin; m < m_end; ++m) {
-      if (m + 1 < m_end) {
-        prefetch_sequence(in.q, in.sq, k, m + 1, sh);
-        prefetch_sequence(in.k, in.sk, k, m + 1, sh);
-        prefetch_sequence(in.v, in.sv, k, m + 1, sh);
-      }
       for (int64_t h = 0; h < sh.H; ++h) {
-      const T* prefix_tiles = buffer.data() + h * prefix_elems;
-      auto key_tile = [&](int64_t tile) {
-        return tile < tiling.prefix_tiles ? prefix_tiles + tile * tile_elems
-                                          : suffix_tiles + (tile - tiling.prefix_tiles) * tile_elems;
-      };
-      for (int64_t tile = tiling.prefix_tiles; tile < tiling.tiles(); ++tile) {
+      T* key_tiles = buffer.data() + h * head_elems;
+      for (int64_t tile = tiling.static_tiles; tile < tiling.tiles; ++tile) {
         const int64_t j0 = tiling.first_key(tile);
-        transpose_tile<T>([&](int64_t t) { return key_ptr(in, k, m, h, j0 + t); }, tiling.size(tile), Dh,
-                          suffix_tiles + (tile - tiling.prefix_tiles) * tile_elems, m == m_begin && h == 0);
+        transpose_rows<T>([&](int64_t t) { return key_ptr(in, k, m, h, j0 + t); }, tiling.prefix_columns(tile),
+                          tiling.size(tile), Dh, key_tiles + tile * tile_elems);
       }
       for (int64_t s0 = 0; s0 < S; s0 += kQueryBlock) {
-        load_block<T>([&](int64_t s) { return in.q + suffix_offset(in.sq, k, m, s, h); }, s0, S, Dh, q);
+        load_block<kQueryBlock, T>([&](int64_t s) { return in.q + suffix_offset(in.sq, k, m, s, h); }, s0, S, Dh, q);
         std::fill(acc, acc + kQueryBlock * Dh, T(0));
         for (int i = 0; i < kQueryBlock; ++i) softmax[i].init();
-        for (int64_t tile = 0; tile < tiling.tiles(); ++tile) {
+        for (int64_t tile = 0; tile < tiling.tiles; ++tile) {
           // visibility grows with s: the block's last used row sees the most keys
           const int64_t n_max = tiling.visible(tile, std::min(S - 1, s0 + kQueryBlock - 1));
           if (n_max == 0) continue;
           const int64_t j0 = tiling.first_key(tile);
-          block_tile_dots(q, key_tile(tile), Dh, sc);
+          block_tile_dots<T, W>(q, key_tiles + tile * tile_elems, Dh, sc);
           for (int i = 0; i < kQueryBlock; ++i) {
             const int64_t n = tiling.visible(tile, s0 + i < S ? s0 + i : -1);
-            std::fill(w[i], w[i] + kKeyTile, T(0));
-            if (n == 0) continue;
+            if (n == 0) {
+              std::fill(w[i], w[i] + kKeyTile, T(0));
+              continue;
+            }
+            T* row = sc[i];
             T tile_max = -INFINITY;
-            for (int64_t t = 0; t < n; ++t) tile_max = std::max(tile_max, scale * sc[i][t]);
+            for (int t = 0; t < kKeyTile; ++t) {
+              row[t] = t < n ? scale * row[t] : -INFINITY;
+              tile_max = std::max(tile_max, row[t]);
+            }
             const T alpha = softmax[i].absorb_max(tile_max);
             if (alpha != T(1)) {
               T* a = acc + i * Dh;
 #pragma omp simd
               for (int64_t d = 0; d < Dh; ++d) a[d] *= alpha;
             }
-            for (int64_t t = 0; t < n; ++t) w[i][t] = softmax[i].weight(scale * sc[i][t]);
+            for (int t = 0; t < kKeyTile; ++t) row[t] -= softmax[i].max;
+            exp_row<T, W>(row, w[i]);
+            T sum = 0;
+            for (int t = 0; t < kKeyTile; ++t) sum += w[i][t];
+            softmax[i].sum += sum;
           }
           for (int64_t t = 0; t < n_max; ++t) rows[t] = value_ptr(in, k, m, h, j0 + t);
-          block_combine_rows(acc, w, rows, n_max, Dh);
+          block_combine_rows<T, W>(acc, w, rows, n_max, Dh);
         }
         for (int i = 0; i < kQueryBlock && s0 + i < S; ++i) {
           const T inv = softmax[i].inv_sum();
@@ -313,19 +346,26 @@ GF_ALWAYS_INLINE void forward_tasks(const Inputs<T>& in, T* out, T* lse, int64_t
 
 template <typename T>
 GF_TARGET_AVX2 void forward_tasks_avx2(const Inputs<T>& in, T* out, T* lse, int64_t m_chunk, int64_t b, int64_t e) {
-  forward_tasks<T>(in, out, lse, m_chunk, b, e);
+  forward_tasks<T, 32>(in, out, lse, m_chunk, b, e);
 }
 template <typename T>
 void forward_tasks_baseline(const Inputs<T>& in, T* out, T* lse, int64_t m_chunk, int64_t b, int64_t e) {
-  forward_tasks<T>(in, out, lse, m_chunk, b, e);
+  forward_tasks<T, 32>(in, out, lse, m_chunk, b, e);
 }
 
-bool cpu_has_avx2() {
-#if GF_HAVE_AVX2_CLONE
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
+enum class Isa { kBaseline, kAvx2 };
+
+// The best clone this CPU runs; GUIDG_FAST_CPU_ISA=baseline forces the portable one (tests run both).
+// (A 64-byte-vector AVX-512 clone with 8-query blocks measured slower than AVX2 on a Xeon with
+// AVX-512, so there is none.)
+Isa cpu_isa() {
+#if GF_HAVE_ISA_CLONES
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* cap = std::getenv("GUIDG_FAST_CPU_ISA");
+  if (cap != nullptr && std::strcmp(cap, "baseline") == 0) return Isa::kBaseline;
+  return avx2 ? Isa::kAvx2 : Isa::kBaseline;
 #else
-  return false;
+  return Isa::kBaseline;
 #endif
 }
 
@@ -344,23 +384,23 @@ struct Grads {
   int64_t m_chunk;
 };
 
-template <typename T>
+template <typename T, int W>
 GF_ALWAYS_INLINE void backward_tasks(const Inputs<T>& in, const Grads<T>& g, int64_t begin, int64_t end) {
+  constexpr int kQueryBlock = query_block(W);
   const PrefixAttentionShape sh = in.shape;
   const int64_t Dh = sh.Dh, P = sh.P, S = sh.S;
   const T scale = static_cast<T>(in.scale);
   const Tiling tiling(sh);
   const int64_t tile_elems = Dh * kKeyTile;
-  const int64_t all_tiles = tiling.tiles() * tile_elems;
-  const int64_t prefix_elems = tiling.prefix_tiles * tile_elems;
+  const int64_t all_tiles = tiling.tiles * tile_elems;
   // per head: transposed K and V tiles and the transposed dK / dV accumulators of the same tiles
-  // (prefix ones summed over the task's m-chunk, suffix ones over one sequence); then q, dO, dq of
-  // one query block
+  // (prefix columns summed over the task's m-chunk, suffix columns over one sequence); then q, dO,
+  // dq of one query block
   std::vector<T> buffer(4 * sh.H * all_tiles + 3 * kQueryBlock * Dh);
   T* q = buffer.data() + 4 * sh.H * all_tiles;
   T* dout = q + kQueryBlock * Dh;
   T* dq = dout + kQueryBlock * Dh;
-  Block<T> sc, dp, p, ds;
+  Block<T, kQueryBlock> sc, dp, p, ds;
   const T* rows[kKeyTile];
   T delta[kQueryBlock], lse[kQueryBlock];
   for (int64_t task = begin; task < end; ++task) {
@@ -370,66 +410,58 @@ GF_ALWAYS_INLINE void backward_tasks(const Inputs<T>& in, const Grads<T>& g, int
     for (int64_t h = 0; h < sh.H; ++h) {
       T* key_tiles = buffer.data() + 4 * h * all_tiles;
       T* value_tiles = key_tiles + all_tiles;
-      for (int64_t tile = 0; tile < tiling.prefix_tiles; ++tile) {
-        const int64_t j0 = tiling.first_key(tile), n = tiling.size(tile);
-        transpose_tile<T>([&](int64_t t) { return key_ptr(in, k, 0, h, j0 + t); }, n, Dh,
-                          key_tiles + tile * tile_elems, true);
-        transpose_tile<T>([&](int64_t t) { return value_ptr(in, k, 0, h, j0 + t); }, n, Dh,
-                          value_tiles + tile * tile_elems, true);
+      for (int64_t tile = 0; tile < tiling.tiles; ++tile) {
+        const int64_t j0 = tiling.first_key(tile), n = tiling.prefix_columns(tile);
+        transpose_rows<T>([&](int64_t t) { return key_ptr(in, k, 0, h, j0 + t); }, 0, n, Dh,
+                          key_tiles + tile * tile_elems);
+        transpose_rows<T>([&](int64_t t) { return value_ptr(in, k, 0, h, j0 + t); }, 0, n, Dh,
+                          value_tiles + tile * tile_elems);
+        zero_columns<T>(tiling.size(tile), Dh, key_tiles + tile * tile_elems);
+        zero_columns<T>(tiling.size(tile), Dh, value_tiles + tile * tile_elems);
       }
-      std::fill(value_tiles + all_tiles, value_tiles + all_tiles + prefix_elems, T(0));  // dK prefix
-      std::fill(value_tiles + 2 * all_tiles, value_tiles + 2 * all_tiles + prefix_elems, T(0));  // dV prefix
+      std::fill(value_tiles + all_tiles, value_tiles + 3 * all_tiles, T(0));  // dK, dV accumulators
     }
     // heads innermost: the (S, H, Dh) block of one sequence is read as one contiguous stretch
-    const SuffixStrides dense = dense_strides(sh);
     for (int64_t m = m_begin; m < m_end; ++m) {
-      if (m + 1 < m_end) {
-        prefetch_sequence(in.q, in.sq, k, m + 1, sh);
-        prefetch_sequence(in.k, in.sk, k, m + 1, sh);
-        prefetch_sequence(in.v, in.sv, k, m + 1, sh);
-        prefetch_sequence(g.grad_out, dense, k, m + 1, sh);
-        prefetch_sequence(g.out, dense, k, m + 1, sh);
-      }
       for (int64_t h = 0; h < sh.H; ++h) {
         T* key_tiles = buffer.data() + 4 * h * all_tiles;
         T* value_tiles = key_tiles + all_tiles;
         T* dkey_tiles = value_tiles + all_tiles;
         T* dvalue_tiles = dkey_tiles + all_tiles;
-        for (int64_t tile = tiling.prefix_tiles; tile < tiling.tiles(); ++tile) {
-          const int64_t j0 = tiling.first_key(tile), n = tiling.size(tile);
-          transpose_tile<T>([&](int64_t t) { return key_ptr(in, k, m, h, j0 + t); }, n, Dh,
-                            key_tiles + tile * tile_elems, m == m_begin);
-          transpose_tile<T>([&](int64_t t) { return value_ptr(in, k, m, h, j0 + t); }, n, Dh,
-                            value_tiles + tile * tile_elems, m == m_begin);
+        for (int64_t tile = tiling.static_tiles; tile < tiling.tiles; ++tile) {
+          const int64_t j0 = tiling.first_key(tile);
+          const int64_t t0 = tiling.prefix_columns(tile), t1 = tiling.size(tile);
+          transpose_rows<T>([&](int64_t t) { return key_ptr(in, k, m, h, j0 + t); }, t0, t1, Dh,
+                            key_tiles + tile * tile_elems);
+          transpose_rows<T>([&](int64_t t) { return value_ptr(in, k, m, h, j0 + t); }, t0, t1, Dh,
+                            value_tiles + tile * tile_elems);
         }
-        std::fill(dkey_tiles + prefix_elems, dkey_tiles + all_tiles, T(0));
-        std::fill(dvalue_tiles + prefix_elems, dvalue_tiles + all_tiles, T(0));
         for (int64_t s0 = 0; s0 < S; s0 += kQueryBlock) {
-          load_block<T>([&](int64_t s) { return in.q + suffix_offset(in.sq, k, m, s, h); }, s0, S, Dh, q);
-          load_block<T>([&](int64_t s) { return g.grad_out + dense_row(sh, k, m, s, h) * Dh; }, s0, S, Dh, dout);
+          load_block<kQueryBlock, T>([&](int64_t s) { return in.q + suffix_offset(in.sq, k, m, s, h); }, s0, S, Dh, q);
+          load_block<kQueryBlock, T>([&](int64_t s) { return g.grad_out + dense_row(sh, k, m, s, h) * Dh; }, s0, S, Dh, dout);
           for (int i = 0; i < kQueryBlock; ++i) {
             const bool used = s0 + i < S;
             delta[i] = used ? dot(dout + i * Dh, g.out + dense_row(sh, k, m, s0 + i, h) * Dh, Dh) : T(0);
             lse[i] = used ? g.lse[lse_index(sh, k, m, h, s0 + i)] : T(0);
           }
           std::fill(dq, dq + kQueryBlock * Dh, T(0));
-          for (int64_t tile = 0; tile < tiling.tiles(); ++tile) {
+          for (int64_t tile = 0; tile < tiling.tiles; ++tile) {
             const int64_t n_max = tiling.visible(tile, std::min(S - 1, s0 + kQueryBlock - 1));
             if (n_max == 0) continue;
             const int64_t j0 = tiling.first_key(tile);
-            block_tile_dots(q, key_tiles + tile * tile_elems, Dh, sc);
-            block_tile_dots(dout, value_tiles + tile * tile_elems, Dh, dp);
+            block_tile_dots<T, W>(q, key_tiles + tile * tile_elems, Dh, sc);
+            block_tile_dots<T, W>(dout, value_tiles + tile * tile_elems, Dh, dp);
             for (int i = 0; i < kQueryBlock; ++i) {
               const int64_t n = tiling.visible(tile, s0 + i < S ? s0 + i : -1);
-              for (int t = 0; t < kKeyTile; ++t) {
-                p[i][t] = t < n ? recompute_probability<T>(scale * sc[i][t], lse[i]) : T(0);
-                ds[i][t] = score_gradient<T>(p[i][t], dp[i][t], delta[i]);
-              }
+              // p = exp(scale * qk - lse) (recompute_probability), vectorised over the tile
+              for (int t = 0; t < kKeyTile; ++t) sc[i][t] = t < n ? scale * sc[i][t] - lse[i] : -INFINITY;
+              exp_row<T, W>(sc[i], p[i]);
+              for (int t = 0; t < kKeyTile; ++t) ds[i][t] = score_gradient<T>(p[i][t], dp[i][t], delta[i]);
             }
             for (int64_t t = 0; t < n_max; ++t) rows[t] = key_ptr(in, k, m, h, j0 + t);
-            block_combine_rows(dq, ds, rows, n_max, Dh);
-            block_tile_outer_add(q, ds, Dh, dkey_tiles + tile * tile_elems);
-            block_tile_outer_add(dout, p, Dh, dvalue_tiles + tile * tile_elems);
+            block_combine_rows<T, W>(dq, ds, rows, n_max, Dh);
+            block_tile_outer_add<T, W>(q, ds, Dh, dkey_tiles + tile * tile_elems);
+            block_tile_outer_add<T, W>(dout, p, Dh, dvalue_tiles + tile * tile_elems);
           }
           for (int i = 0; i < kQueryBlock && s0 + i < S; ++i) {
             T* dst = g.dq + dense_row(sh, k, m, s0 + i, h) * Dh;
@@ -438,15 +470,18 @@ GF_ALWAYS_INLINE void backward_tasks(const Inputs<T>& in, const Grads<T>& g, int
             for (int64_t d = 0; d < Dh; ++d) dst[d] = scale * src[d];
           }
         }
-        for (int64_t tile = tiling.prefix_tiles; tile < tiling.tiles(); ++tile) {
-          const int64_t first = tiling.first_key(tile) - P;
-          const T* dkt = dkey_tiles + tile * tile_elems;
-          const T* dvt = dvalue_tiles + tile * tile_elems;
-          for (int64_t t = 0; t < tiling.size(tile); ++t) {
-            const int64_t dst = dense_row(sh, k, m, first + t, h) * Dh;
+        // suffix columns: this sequence's dK / dV, written out and cleared for the next sequence
+        for (int64_t tile = tiling.static_tiles; tile < tiling.tiles; ++tile) {
+          const int64_t j0 = tiling.first_key(tile);
+          T* dkt = dkey_tiles + tile * tile_elems;
+          T* dvt = dvalue_tiles + tile * tile_elems;
+          for (int64_t t = tiling.prefix_columns(tile); t < tiling.size(tile); ++t) {
+            const int64_t dst = dense_row(sh, k, m, j0 + t - P, h) * Dh;
             for (int64_t d = 0; d < Dh; ++d) {
               g.dk[dst + d] = scale * dkt[d * kKeyTile + t];
               g.dv[dst + d] = dvt[d * kKeyTile + t];
+              dkt[d * kKeyTile + t] = T(0);
+              dvt[d * kKeyTile + t] = T(0);
             }
           }
         }
@@ -455,11 +490,11 @@ GF_ALWAYS_INLINE void backward_tasks(const Inputs<T>& in, const Grads<T>& g, int
     for (int64_t h = 0; h < sh.H; ++h) {
       const T* dkey_tiles = buffer.data() + 4 * h * all_tiles + 2 * all_tiles;
       const T* dvalue_tiles = dkey_tiles + all_tiles;
-      for (int64_t tile = 0; tile < tiling.prefix_tiles; ++tile) {
+      for (int64_t tile = 0; tile < tiling.tiles; ++tile) {
         const int64_t j0 = tiling.first_key(tile);
         const T* dkt = dkey_tiles + tile * tile_elems;
         const T* dvt = dvalue_tiles + tile * tile_elems;
-        for (int64_t t = 0; t < tiling.size(tile); ++t) {
+        for (int64_t t = 0; t < tiling.prefix_columns(tile); ++t) {
           const int64_t dst = (((chunk * sh.K + k) * P + j0 + t) * sh.H + h) * Dh;
           for (int64_t d = 0; d < Dh; ++d) {
             g.dkp_partial[dst + d] = scale * dkt[d * kKeyTile + t];
@@ -473,11 +508,11 @@ GF_ALWAYS_INLINE void backward_tasks(const Inputs<T>& in, const Grads<T>& g, int
 
 template <typename T>
 GF_TARGET_AVX2 void backward_tasks_avx2(const Inputs<T>& in, const Grads<T>& g, int64_t b, int64_t e) {
-  backward_tasks<T>(in, g, b, e);
+  backward_tasks<T, 32>(in, g, b, e);
 }
 template <typename T>
 void backward_tasks_baseline(const Inputs<T>& in, const Grads<T>& g, int64_t b, int64_t e) {
-  backward_tasks<T>(in, g, b, e);
+  backward_tasks<T, 32>(in, g, b, e);
 }
 
 // ----------------------------------------------------------------------------------------- launchers
@@ -545,11 +580,11 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_forward_cpu(const at::Tensor
     const Inputs<scalar_t> in = make_inputs<scalar_t>(q, k, v, kp, vp, sh, scale);
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
     acc_t* lse_ptr = lse.data_ptr<acc_t>();
-    // about 4 sequences per task: the prefix tiles are transposed once per task
-    const TaskSplit split(sh, std::max<int64_t>(1, sh.K * ((sh.M + 3) / 4)));
-    const bool avx2 = cpu_has_avx2();
+    // few, long tasks (8 per thread): the prefix tiles are transposed once per task
+    const TaskSplit split(sh, 8 * static_cast<int64_t>(at::get_num_threads()));
+    const Isa isa = cpu_isa();
     at::parallel_for(0, split.n_chunks * sh.K, 1, [&](int64_t b, int64_t e) {
-      if (avx2) forward_tasks_avx2<scalar_t>(in, out_ptr, lse_ptr, split.m_chunk, b, e);
+      if (isa == Isa::kAvx2) forward_tasks_avx2<scalar_t>(in, out_ptr, lse_ptr, split.m_chunk, b, e);
       else forward_tasks_baseline<scalar_t>(in, out_ptr, lse_ptr, split.m_chunk, b, e);
     });
   });
@@ -586,8 +621,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
     dvp.zero_();
     return {dq, dk, dv, dkp, dvp};
   }
-  // Enough (m-chunk, k, h) tasks to keep every thread busy; each chunk keeps its own prefix partial.
-  const TaskSplit split(sh, 4 * static_cast<int64_t>(at::get_num_threads()));
+  // Enough (m-chunk, k) tasks to keep every thread busy; each chunk keeps its own prefix partial.
+  const TaskSplit split(sh, 8 * static_cast<int64_t>(at::get_num_threads()));
   const int64_t m_chunk = split.m_chunk, n_chunks = split.n_chunks;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "prefix_attention_backward_cpu", [&] {
     using acc_t = scalar_t;
@@ -602,9 +637,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
                              n_chunks == 1 ? dkp.data_ptr<acc_t>() : partial.data_ptr<acc_t>(),
                              n_chunks == 1 ? dvp.data_ptr<acc_t>() : partial.data_ptr<acc_t>() + partial.size(1) * dkp.numel(),
                              m_chunk};
-    const bool avx2 = cpu_has_avx2();
+    const Isa isa = cpu_isa();
     at::parallel_for(0, n_chunks * sh.K, 1, [&](int64_t b, int64_t e) {
-      if (avx2) backward_tasks_avx2<scalar_t>(in, g, b, e);
+      if (isa == Isa::kAvx2) backward_tasks_avx2<scalar_t>(in, g, b, e);
       else backward_tasks_baseline<scalar_t>(in, g, b, e);
     });
     if (n_chunks > 1) {
@@ -613,7 +648,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
       const acc_t* src = partial.data_ptr<acc_t>();
       acc_t* dst_k = dkp.data_ptr<acc_t>();
       acc_t* dst_v = dvp.data_ptr<acc_t>();
-      at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
+      // a few adds per element: one thread unless the partials are large (waking threads costs more)
+      at::parallel_for(0, n, std::max<int64_t>(4096, (int64_t(1) << 20) / n_chunks), [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
           acc_t sk = 0, sv = 0;
           for (int64_t c = 0; c < n_chunks; ++c) {
