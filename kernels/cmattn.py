@@ -110,7 +110,7 @@ def _cmattn_backward_kernel(grad_ptr, q_ptr, key_ptr, dq_ptr, dkey_ptr, B, K, H,
             mq = tl.maximum(q_norm, EPS)
             mk = tl.maximum(k_norm, EPS)
             coef = ds / (mq[:, None] * mk[None, :])
-            inv_nq = tl.where(q_norm == 0.0, 0.0, 1.0 / q_norm)
+            inv_nq = tl.where(q_norm == 0.0, 0.0, 1.0 / tl.where(q_norm == 0.0, 1.0, q_norm))
             q_weight = -tl.sum(ds * dot / mk[None, :], axis=1) / (mq * mq) * inv_nq
             key_term += tl.sum(ds * dot / mq[:, None], axis=0)
             dq = tl.sum(coef[:, :, None] * key_chunk[None, :, :], axis=1) + q_weight[:, None] * q_chunk
@@ -122,7 +122,7 @@ def _cmattn_backward_kernel(grad_ptr, q_ptr, key_ptr, dq_ptr, dkey_ptr, B, K, H,
         dkey += tl.sum(coef[:, :, None] * q_chunk[:, None, :], axis=0)
     if COSINE:
         mk = tl.maximum(k_norm, EPS)
-        inv_nk = tl.where(k_norm == 0.0, 0.0, 1.0 / k_norm)
+        inv_nk = tl.where(k_norm == 0.0, 0.0, 1.0 / tl.where(k_norm == 0.0, 1.0, k_norm))
         dkey += (-key_term / (mk * mk) * inv_nk)[:, None] * key_chunk
     tl.store(dkey_ptr + (rk[:, None] * H + h) * D + cols[None, :], dkey.to(dkey_ptr.dtype.element_ty),
              mask=mask_k[:, None] & mask_d[None, :])

@@ -72,7 +72,8 @@ def _fused_cmattn(
     """(out (B, K), q (B, H, D), keys (K, H, D)); q and keys are the activations saved for backward."""
     _check_backend(backend)
     out_dtype, dtype = f.dtype, _compute_dtype(f.dtype)
-    f, T, wv, bv, wt, bt = (x.to(dtype) for x in (f, T, wv, bv, wt, bt))
+    if dtype != out_dtype:
+        f, T, wv, bv, wt, bt = (x.to(dtype) for x in (f, T, wv, bv, wt, bt))
     B, D = f.shape
     K, C, _ = T.shape
     H = wv.shape[0]
@@ -99,23 +100,26 @@ def _fused_cmattn_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (df, dT, dwv, dbv, dwt, dbt); one not asked for in ``needs`` comes back empty."""
     _check_backend(backend)
-    dtype = q.dtype
+    dtype, grad_dtype = q.dtype, f.dtype  # every argument shares f's dtype (checked at the boundary)
+    if f.dtype != dtype:
+        f, T, wv, wt = (x.to(dtype) for x in (f, T, wv, wt))
     B, D = f.shape
     K, C, _ = T.shape
     H = wv.shape[0]
     dq, dkey = _scores_backward(grad_out.to(dtype).contiguous(), q, keys, metric == "cosine", backend)
     dq_flat = dq.view(B, H * D)
-    grads = [
-        (lambda: dq_flat @ wv.to(dtype).reshape(H * D, D), f.dtype),
-        (lambda: torch.matmul(wt.to(dtype).t(), dkey), T.dtype),  # (C, H) x (K, H, D) -> (K, C, D)
-        (lambda: (dq_flat.t() @ f.to(dtype)).view(H, D, D), wv.dtype),
-        (lambda: dq.sum(0), wv.dtype),
-        (lambda: torch.bmm(dkey, T.to(dtype).transpose(1, 2)).sum(0), wt.dtype),  # (K, H, C) summed over experts
-        (lambda: dkey.sum((0, 2)), wt.dtype),
-    ]
-    return tuple(
-        make().to(out_dtype) if need else f.new_empty(0, dtype=out_dtype)
-        for (make, out_dtype), need in zip(grads, needs)
+    need_f, need_T, need_wv, need_bv, need_wt, need_bt = needs
+
+    def out(grad: Tensor | None) -> Tensor:
+        return grad_out.new_empty(0, dtype=grad_dtype) if grad is None else grad.to(grad_dtype)
+
+    return (
+        out(dq_flat @ wv.reshape(H * D, D) if need_f else None),
+        out(torch.matmul(wt.t(), dkey) if need_T else None),  # (C, H) x (K, H, D) -> (K, C, D)
+        out((dq_flat.t() @ f).view(H, D, D) if need_wv else None),  # all heads: (H*D, B) x (B, D)
+        out(dq.sum(0) if need_bv else None),
+        out(torch.bmm(dkey, T.transpose(1, 2)).sum(0) if need_wt else None),  # (K, H, C) summed over experts
+        out(dkey.sum((0, 2)) if need_bt else None),
     )
 
 
@@ -124,17 +128,15 @@ def _fused_cmattn_backward_fake(grad_out, f, T, wv, wt, q, keys, metric, backend
     B, D = f.shape
     K, C, _ = T.shape
     H = wv.shape[0]
-    shapes = [((B, D), f.dtype), ((K, C, D), T.dtype), ((H, D, D), wv.dtype), ((H, D), wv.dtype), ((H, C), wt.dtype),
-              ((H,), wt.dtype)]
-    return tuple(
-        f.new_empty(shape if need else (0,), dtype=dtype) for (shape, dtype), need in zip(shapes, needs)
-    )
+    shapes = [(B, D), (K, C, D), (H, D, D), (H, D), (H, C), (H,)]
+    return tuple(f.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
 
 
 def _setup_context(ctx, inputs, output):
     f, T, wv, bv, wt, bt, metric, backend = inputs
     _, q, keys = output
     ctx.mark_non_differentiable(q, keys)
+    ctx.set_materialize_grads(False)  # q and keys never get gradients: no zero tensors for them
     ctx.save_for_backward(f, T, wv, wt, q, keys)
     ctx.metric, ctx.backend = metric, backend
 
@@ -142,7 +144,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_q, _grad_keys):
     f, T, wv, wt, q, keys = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:6]]
-    if not any(needs):
+    if grad_out is None or not any(needs):  # None: the weights were not used (grads are not materialised)
         return (None,) * 8
     grads = torch.ops.guidg_fast.fused_cmattn_backward(grad_out, f, T, wv, wt, q, keys, ctx.metric, ctx.backend, needs)
     return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None)
