@@ -27,6 +27,15 @@ _TILE = 8192  # elements of the (BLOCK_B, BLOCK_K, BLOCK_D) product tile
 
 
 @triton.jit
+def _sqrt(x, ACC: tl.constexpr):
+    # IEEE-rounded square root, like torch's; sqrt_rn is fp32-only, fp64 sqrt is always rounded
+    if ACC == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
 def _row_scores(q_ptr, key_ptr, h, rb, mask_b, rk, mask_k, rd, H, D,
                 COSINE: tl.constexpr, SQRT_D: tl.constexpr, EPS: tl.constexpr, BLOCK_D: tl.constexpr,
                 ACC: tl.constexpr):
@@ -44,8 +53,8 @@ def _row_scores(q_ptr, key_ptr, h, rb, mask_b, rk, mask_k, rd, H, D,
         dot += tl.sum(q[:, None, :] * key[None, :, :], axis=2)
         q_sq += tl.sum(q * q, axis=1)
         k_sq += tl.sum(key * key, axis=1)
-    q_norm = tl.sqrt_rn(q_sq)
-    k_norm = tl.sqrt_rn(k_sq)
+    q_norm = _sqrt(q_sq, ACC)
+    k_norm = _sqrt(k_sq, ACC)
     if COSINE:
         s = dot / (tl.maximum(q_norm, EPS)[:, None] * tl.maximum(k_norm, EPS)[None, :])
     else:
