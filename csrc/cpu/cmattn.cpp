@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -16,6 +17,15 @@
 
 namespace guidg_fast {
 namespace {
+
+// Multiply-adds per parallel chunk. The step-2 shapes (B = 36, K = 3, H = 4, D = 512) are a few
+// hundred thousand multiply-adds per call, faster on one thread than the cost of waking a team
+// (which is far worse on a loaded machine); bigger batches still spread over the pool.
+constexpr int64_t kWorkPerChunk = 1 << 20;
+
+int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kWorkPerChunk / std::max<int64_t>(1, work_per_item));
+}
 
 // Eight independent partial sums: the compiler vectorises the lanes without reassociating a single
 // running sum, and the rounding error grows with D / 8 instead of D.
@@ -56,7 +66,7 @@ at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
 template <typename scalar_t, typename acc_t>
 std::vector<acc_t> key_norms(const scalar_t* keys, int64_t KH, int64_t D) {
   std::vector<acc_t> norms(KH);
-  at::parallel_for(0, KH, 8, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, KH, grain_for(D), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) norms[i] = std::sqrt(dot_lanes<scalar_t, acc_t>(keys + i * D, keys + i * D, D));
   });
   return norms;
@@ -87,8 +97,7 @@ at::Tensor cmattn_forward_cpu(const at::Tensor& q, const at::Tensor& keys, bool 
     scalar_t* op = out.data_ptr<scalar_t>();
     const acc_t sqrt_d = std::sqrt(static_cast<acc_t>(D));
     const std::vector<acc_t> knorm = key_norms<scalar_t, acc_t>(kp, K * H, D);
-    const int64_t grain = std::max<int64_t>(1, 32768 / (H * (K + 1) * D));
-    at::parallel_for(0, B, grain, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, B, grain_for(H * (K + 1) * D), [&](int64_t lo, int64_t hi) {
       std::vector<acc_t> s(K), dot(K), acc(K);
       for (int64_t b = lo; b < hi; ++b) {
         std::fill(acc.begin(), acc.end(), acc_t(0));
@@ -129,8 +138,7 @@ std::tuple<at::Tensor, at::Tensor> cmattn_backward_cpu(const at::Tensor& grad_ou
     std::vector<acc_t> coef(B * H * K), key_term(B * H * K);
 
     // Phase 1, rows: recompute the probabilities, then dq and the per-row coefficients.
-    const int64_t grain = std::max<int64_t>(1, 16384 / (H * (2 * K + 2) * D));
-    at::parallel_for(0, B, grain, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, B, grain_for(H * (2 * K + 2) * D), [&](int64_t lo, int64_t hi) {
       std::vector<acc_t> a(K), dot(K), g(K), ds(K), kn(K), row(D);
       for (int64_t b = lo; b < hi; ++b) {
         for (int64_t k = 0; k < K; ++k) g[k] = static_cast<acc_t>(gp[b * K + k]) / static_cast<acc_t>(H);
@@ -156,8 +164,7 @@ std::tuple<at::Tensor, at::Tensor> cmattn_backward_cpu(const at::Tensor& grad_ou
     });
 
     // Phase 2, keys: each (expert, head) sums its coefficients over the batch (no races, fixed order).
-    const int64_t grain_keys = std::max<int64_t>(1, 16384 / (B * D));
-    at::parallel_for(0, K * H, grain_keys, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, K * H, grain_for(B * D), [&](int64_t lo, int64_t hi) {
       std::vector<acc_t> row(D);
       for (int64_t kh = lo; kh < hi; ++kh) {
         const int64_t k = kh / H, h = kh % H;
