@@ -15,8 +15,9 @@ METRICS = ("cosine", "dotproduct")
 # (B, K, C, D, H): B = 1, K = 1, C = 1, D off every block size, B over one Triton batch block,
 # K padded to the next power of two, D across two Triton D-blocks
 SMALL_SHAPES = [(6, 3, 7, 40, 4), (1, 1, 1, 17, 1), (5, 2, 3, 33, 2), (3, 5, 1, 130, 3), (17, 3, 4, 24, 2)]
-# the real step-2 shape and C = 1000 (ImageNet): C++ only, the Triton interpreter is too slow there
-LARGE_SHAPES = [(36, 3, 65, 512, 4), (9, 3, 1000, 96, 4)]
+# the real step-2 shape, C = 1000 (ImageNet) and a batch big enough for the C++ kernels to split work
+# across threads: C++ only, the Triton interpreter is too slow there
+LARGE_SHAPES = [(36, 3, 65, 512, 4), (9, 3, 1000, 96, 4), (300, 3, 5, 512, 4)]
 SHAPES = [pytest.param(s, id="x".join(map(str, s))) for s in SMALL_SHAPES + LARGE_SHAPES]
 
 
