@@ -25,6 +25,12 @@ TORCH_LIBRARY(guidg_fast, m) {
   m.def("bma_update_(Tensor(a!)[] averaged_tensors, Tensor[] tensors, float relative_weight) -> ()");
 
   // --- cmattn ---
+  // Fused score / softmax over experts / mean over heads of the cross-modal attention.
+  // q (B, H, D): every head's v-projection; keys (K, H, D): every head's pooled expert key;
+  // cosine: torch cosine_similarity (eps 1e-8) if true, else q.key / sqrt(D). out (B, K).
+  m.def("cmattn_forward(Tensor q, Tensor keys, bool cosine) -> Tensor");
+  // -> (dq (B, H, D), dkey (K, H, D)) for the upstream gradient grad_out (B, K).
+  m.def("cmattn_backward(Tensor grad_out, Tensor q, Tensor keys, bool cosine) -> (Tensor, Tensor)");
 
   // --- multi_expert_loss ---
 
