@@ -385,7 +385,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_expert_loss_backward_cpu(
   TORCH_CHECK(lse.sizes() == at::IntArrayRef({s.B, s.K}) && ce.sizes() == at::IntArrayRef({s.B, s.K}),
               "lse and ce must have shape (B, K) = (", s.B, ", ", s.K, ")");
   TORCH_CHECK(lse.is_contiguous() && ce.is_contiguous(), "lse and ce must be contiguous");
-  const bool need_rows = need_f || (need_T && margin != 0.0);
+  // q (and r) per row: for df, for the margin path of dT, and r for the entropy part of dT
+  const bool need_rows = need_f || (need_T && (margin != 0.0 || entropy));
   if (need_rows && !entropy) {
     TORCH_CHECK(o.sizes() == at::IntArrayRef({s.B, s.K, s.D}) && o.is_contiguous(),
                 "o must be the (B, K, D) softmax-weighted expert features of the forward pass (run the forward "
