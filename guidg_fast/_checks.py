@@ -139,9 +139,10 @@ def check_tensor_lists(averaged_tensors, tensors) -> None:
 def check_multi_expert_loss_args(f, T, y, w, temperature, margin, entropy_weight, check_values: bool = True):
     """Every check of ``ops.multi_expert_loss``; returns (B, K, C, D, tau, margin, entropy_weight).
 
-    ``check_values=False`` skips the checks that read tensor values (label range, finite weights):
-    under torch.compile they would force a graph break, so the fused op checks shapes, dtypes and
-    devices while tracing and its kernels bound-check the labels instead.
+    ``check_values=False`` skips the checks that read tensor values (label range, finite weights, a
+    tensor temperature, for which tau comes back None): under torch.compile they would force a graph
+    break, so the fused op checks shapes, dtypes and devices while tracing, reads a tensor
+    temperature inside the op, and its kernels bound-check the labels.
     """
     B, K, C, D = check_features(f, T)
     if check_values:
@@ -162,7 +163,13 @@ def check_multi_expert_loss_args(f, T, y, w, temperature, margin, entropy_weight
             raise ValueError(f"w (batch weights) must have shape ({K},) = (K,), got {tuple(w.shape)}")
         if w.dim() == 2 and tuple(w.shape) != (B, K):
             raise ValueError(f"w (per-sample weights) must have shape ({B}, {K}) = (B, K), got {tuple(w.shape)}")
-    tau = check_temperature(temperature)
+    if not check_values and isinstance(temperature, torch.Tensor):
+        # a tensor temperature is read (and its value checked) inside the fused op while tracing
+        if temperature.numel() != 1:
+            raise ValueError(f"temperature must be a scalar, got shape {tuple(temperature.shape)}")
+        tau = None
+    else:
+        tau = check_temperature(temperature)
     values = []
     for name, value in (("margin", margin), ("entropy_weight", entropy_weight)):
         if isinstance(value, torch.Tensor):

@@ -28,9 +28,13 @@ Backward (q_bk = sum_c dz_bc T_k[c], dz the gradient of the loss w.r.t. the logi
     dz_bc = grad (a (p - [c = y]) + ew p (u - r)), dT_kc = tau sum_b dz_bc g_b, plus the margin
     path through the gathered T_k[y_b]: dT_k[y_b] -= margin tau q_bk (a one-hot product inside the
     tile that owns class y_b, so again no atomics).
-The temperature is a constant (as in the official code): a tensor temperature is read once.
+The temperature is a constant (as in the official code): a tensor temperature is read as a number.
+Under torch.compile a tensor temperature goes into the fused op as a tensor and is read there, so
+tracing needs no .item() (no graph break); its value is checked when the op runs.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -48,6 +52,10 @@ def _kernels():
     from ..kernels import multi_expert_loss as kernels
 
     return kernels
+
+
+def _temperature(temperature: float, temperature_tensor) -> float:
+    return temperature if temperature_tensor is None else _checks.check_temperature(temperature_tensor)
 
 
 def _forward_impl(backend, f, T, y, w, temperature, margin, entropy_weight, need_o):
@@ -76,32 +84,38 @@ def _forward_shapes(f, T, entropy_weight, need_o):
 
 @torch.library.custom_op("guidg_fast::fused_multi_expert_loss", mutates_args=())
 def fused_multi_expert_loss(
-    f: torch.Tensor, T: torch.Tensor, y: torch.Tensor, w: torch.Tensor, temperature: float, margin: float,
-    entropy_weight: float, backend: str, need_o: bool,
+    f: torch.Tensor, T: torch.Tensor, y: torch.Tensor, w: torch.Tensor, temperature: float,
+    temperature_tensor: Optional[torch.Tensor], margin: float, entropy_weight: float, backend: str, need_o: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, lse (B, K), ce (B, K), o (B, K, D) or empty, pbar (K, C) or empty); see the module docstring."""
-    return tuple(_forward_impl(backend, f, T, y, w, temperature, margin, entropy_weight, need_o))
+    """(loss, lse (B, K), ce (B, K), o (B, K, D) or empty, pbar (K, C) or empty); see the module docstring.
+
+    temperature_tensor, when given, replaces temperature (a tensor temperature under torch.compile)."""
+    tau = _temperature(temperature, temperature_tensor)
+    return tuple(_forward_impl(backend, f, T, y, w, tau, margin, entropy_weight, need_o))
 
 
 @fused_multi_expert_loss.register_fake
-def _fused_fake(f, T, y, w, temperature, margin, entropy_weight, backend, need_o):
+def _fused_fake(f, T, y, w, temperature, temperature_tensor, margin, entropy_weight, backend, need_o):
     return tuple(f.new_empty(shape) for shape in _forward_shapes(f, T, entropy_weight, need_o))
 
 
 @torch.library.custom_op("guidg_fast::fused_multi_expert_loss_backward", mutates_args=())
 def fused_multi_expert_loss_backward(
     grad: torch.Tensor, f: torch.Tensor, T: torch.Tensor, y: torch.Tensor, w: torch.Tensor, lse: torch.Tensor,
-    ce: torch.Tensor, o: torch.Tensor, pbar: torch.Tensor, temperature: float, margin: float, entropy_weight: float,
-    backend: str, need_f: bool, need_T: bool, need_w: bool,
+    ce: torch.Tensor, o: torch.Tensor, pbar: torch.Tensor, temperature: float,
+    temperature_tensor: Optional[torch.Tensor], margin: float, entropy_weight: float, backend: str, need_f: bool,
+    need_T: bool, need_w: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(df (B, D), dT (K, C, D), dw like w); a gradient that is not needed comes back empty."""
+    tau = _temperature(temperature, temperature_tensor)
     return tuple(
-        _backward_impl(backend, grad, f, T, y, w, lse, ce, o, pbar, temperature, margin, entropy_weight, need_f, need_T, need_w)
+        _backward_impl(backend, grad, f, T, y, w, lse, ce, o, pbar, tau, margin, entropy_weight, need_f, need_T, need_w)
     )
 
 
 @fused_multi_expert_loss_backward.register_fake
-def _fused_backward_fake(grad, f, T, y, w, lse, ce, o, pbar, temperature, margin, entropy_weight, backend, need_f, need_T, need_w):
+def _fused_backward_fake(grad, f, T, y, w, lse, ce, o, pbar, temperature, temperature_tensor, margin, entropy_weight,
+                         backend, need_f, need_T, need_w):
     return (
         f.new_empty(f.shape if need_f else (0,)),
         T.new_empty(T.shape if need_T else (0,)),
@@ -110,21 +124,22 @@ def _fused_backward_fake(grad, f, T, y, w, lse, ce, o, pbar, temperature, margin
 
 
 def _setup_context(ctx, inputs, output):
-    f, T, y, w, temperature, margin, entropy_weight, backend, _ = inputs
+    f, T, y, w, temperature, temperature_tensor, margin, entropy_weight, backend, _ = inputs
     _, lse, ce, o, pbar = output
-    ctx.save_for_backward(f, T, y, w, lse, ce, o, pbar)
+    ctx.save_for_backward(f, T, y, w, lse, ce, o, pbar, temperature_tensor)
     ctx.constants = (temperature, margin, entropy_weight, backend)
     ctx.mark_non_differentiable(lse, ce, o, pbar)
 
 
 def _backward(ctx, grad_loss, *_):
-    f, T, y, w, lse, ce, o, pbar = ctx.saved_tensors
+    f, T, y, w, lse, ce, o, pbar, temperature_tensor = ctx.saved_tensors
     temperature, margin, entropy_weight, backend = ctx.constants
     need_f, need_T, _, need_w = ctx.needs_input_grad[:4]
     df, dT, dw = fused_multi_expert_loss_backward(
-        grad_loss, f, T, y, w, lse, ce, o, pbar, temperature, margin, entropy_weight, backend, need_f, need_T, need_w
+        grad_loss, f, T, y, w, lse, ce, o, pbar, temperature, temperature_tensor, margin, entropy_weight, backend,
+        need_f, need_T, need_w,
     )
-    return (df if need_f else None, dT if need_T else None, None, dw if need_w else None, None, None, None, None, None)
+    return (df if need_f else None, dT if need_T else None, None, dw if need_w else None) + (None,) * 6
 
 
 fused_multi_expert_loss.register_autograd(_backward, setup_context=_setup_context)
@@ -139,7 +154,7 @@ if _backend.load_extension() is not None:
     @torch.library.register_fake("guidg_fast::multi_expert_loss_backward")
     def _ext_backward_fake(grad, f, T, y, w, lse, ce, o, pbar, temperature, margin, entropy_weight, need_f, need_T, need_w):
         return _fused_backward_fake(
-            grad, f, T, y, w, lse, ce, o, pbar, temperature, margin, entropy_weight, None, need_f, need_T, need_w
+            grad, f, T, y, w, lse, ce, o, pbar, temperature, None, margin, entropy_weight, None, need_f, need_T, need_w
         )
 
 
@@ -160,10 +175,13 @@ def multi_expert_loss(f, T, y, w, temperature, margin: float = 0.0, entropy_weig
     )
     backend = _choose_backend(f.device.type, f.dtype)
     if backend == "eager":
-        return reference.multi_expert_loss(f, T, y, w, tau, margin=margin, entropy_weight=entropy_weight)
+        return reference.multi_expert_loss(f, T, y, w, temperature, margin=margin, entropy_weight=entropy_weight)
+    tau_tensor = None
+    if tau is None:  # a tensor temperature while tracing: read inside the fused op
+        tau, tau_tensor = 1.0, temperature.detach().reshape(())
     dtype = f.dtype if f.dtype in _COMPUTE_DTYPES else torch.float32  # fp16 / bf16 compute in fp32
     f_c, T_c, w_c = (x.to(dtype).contiguous() for x in (f, T, w))
     y_c = y.to(torch.int64).contiguous()
     need_o = entropy_weight == 0.0 and torch.is_grad_enabled() and (f.requires_grad or T.requires_grad)
-    loss = fused_multi_expert_loss(f_c, T_c, y_c, w_c, tau, margin, entropy_weight, backend, need_o)[0]
+    loss = fused_multi_expert_loss(f_c, T_c, y_c, w_c, tau, tau_tensor, margin, entropy_weight, backend, need_o)[0]
     return loss if loss.dtype == f.dtype else loss.to(f.dtype)
