@@ -18,10 +18,11 @@ mel_module = importlib.import_module("guidg_fast.ops.multi_expert_loss")
 
 EXT_BUILT = ops.extension_status()["built"]
 
-# (B, K, C, D): a GuiDG-like shape, one-of-everything, odd sizes that are no multiple of any block
+# (B, K, C, D): a GuiDG-like shape, one-of-everything, one class over several row blocks (all
+# gradients exactly zero), odd sizes that are no multiple of any block
 SHAPES = {
-    "ext": [(12, 3, 65, 40), (1, 1, 1, 3), (7, 2, 1000, 45), (70, 2, 300, 19)],
-    "triton": [(12, 3, 7, 24), (1, 1, 1, 3), (19, 2, 37, 21)],
+    "ext": [(12, 3, 65, 40), (1, 1, 1, 3), (36, 3, 1, 40), (7, 2, 1000, 45), (70, 2, 300, 19)],
+    "triton": [(12, 3, 7, 24), (1, 1, 1, 3), (19, 2, 1, 20), (19, 2, 37, 21)],
     "cuda": [(36, 3, 1000, 512), (1, 1, 1, 3), (70, 2, 345, 37)],
 }
 CONFIGS = [(0.0, 0.0), (0.3, 0.0), (0.0, 0.01), (0.3, 0.5)]  # (margin, entropy_weight)
