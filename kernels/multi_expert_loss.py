@@ -22,6 +22,17 @@ ENTROPY_EPS = tl.constexpr(1e-5)
 BLOCK_B = 16  # feature rows per program / per step (>= 16: tl.dot minimum)
 BLOCK_C = 16  # classes per tile
 BLOCK_REDUCE = 256
+# Programs the forward aims for: with few (expert, row block) pairs (B = 36, K = 3: 9) the classes
+# are split across programs as well (flash-decoding style) and the splits merged by their LSEs.
+TARGET_PROGRAMS = 128
+
+
+def _class_splits(C: int, programs: int) -> tuple[int, int]:
+    """(number of class splits, classes per split, a multiple of BLOCK_C) for the forward pass."""
+    tiles = triton.cdiv(C, BLOCK_C)
+    want = max(1, min(tiles, TARGET_PROGRAMS // max(1, programs)))
+    chunk = triton.cdiv(tiles, want) * BLOCK_C
+    return triton.cdiv(C, chunk), chunk
 
 
 def _block_d(D: int) -> int:
@@ -67,13 +78,18 @@ def _entropy_term_grad(p):
 
 @triton.jit
 def _multi_expert_loss_forward_kernel(
-    f_ptr, T_ptr, y_ptr, lse_ptr, ce_ptr, o_ptr,
-    B, K, C, D, tau, margin,
-    HAS_MARGIN: tl.constexpr, NEED_O: tl.constexpr,
+    f_ptr, T_ptr, y_ptr, lse_ptr, ce_ptr, o_ptr, part_max_ptr, part_sum_ptr, part_target_ptr, part_o_ptr,
+    B, K, C, D, tau, margin, chunk,
+    HAS_MARGIN: tl.constexpr, NEED_O: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Pass 1, program (k, row block): online log-sum-exp over class tiles -> lse, CE (and o)."""
+    """Pass 1, program (k, row block, class split): online log-sum-exp over the class tiles of its
+    split -> lse, CE (and o); with several splits (SPLIT), the running max / sum / target logit /
+    unnormalised o of each split instead, merged by _multi_expert_loss_merge_kernel."""
     k = tl.program_id(0)
+    split = tl.program_id(2)
+    c_begin = split * chunk
+    c_end = tl.minimum(C, c_begin + chunk)
     rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     offs_d = tl.arange(0, BLOCK_D)
@@ -85,9 +101,9 @@ def _multi_expert_loss_forward_kernel(
     run_sum = tl.zeros([BLOCK_B], tl.float32)
     target = tl.zeros([BLOCK_B], tl.float32)
     acc_o = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in range(c_begin, c_end, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
-        c_mask = cols < C
+        c_mask = cols < c_end
         t = _load_class_tile(T_ptr, expert_base, cols, c_mask, offs_d, d_mask, D)
         z = tl.dot(g, tl.trans(t), input_precision="ieee") * tau
         z = tl.where(c_mask[None, :], z, float("-inf"))
@@ -99,13 +115,56 @@ def _multi_expert_loss_forward_kernel(
         if NEED_O:
             acc_o = acc_o * alpha[:, None] + tl.dot(e, t, input_precision="ieee")
         run_max = new_max
-    lse = run_max + tl.log(run_sum)
     out = rows.to(tl.int64) * K + k
+    if SPLIT:
+        part = split.to(tl.int64) * B * K + out  # (split, b, k)
+        tl.store(part_max_ptr + part, run_max, mask=row_mask)
+        tl.store(part_sum_ptr + part, run_sum, mask=row_mask)
+        tl.store(part_target_ptr + part, target, mask=row_mask)
+        if NEED_O:
+            tl.store(part_o_ptr + part[:, None] * D + offs_d[None, :], acc_o, mask=row_mask[:, None] & d_mask[None, :])
+    else:
+        lse = run_max + tl.log(run_sum)
+        tl.store(lse_ptr + out, lse, mask=row_mask)
+        tl.store(ce_ptr + out, lse - target, mask=row_mask)
+        if NEED_O:
+            o = acc_o / run_sum[:, None]
+            tl.store(o_ptr + out[:, None] * D + offs_d[None, :], o, mask=row_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _multi_expert_loss_merge_kernel(
+    part_max_ptr, part_sum_ptr, part_target_ptr, part_o_ptr, lse_ptr, ce_ptr, o_ptr,
+    B, K, D, n_split,
+    NEED_O: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program (k, row block): merges the class splits of pass 1 through their log-sum-exps:
+    M = max_s m_s, l = sum_s l_s e^(m_s - M), o = sum_s o_s e^(m_s - M) / l, lse = M + log l."""
+    k = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    offs_d = tl.arange(0, BLOCK_D)
+    mask2 = row_mask[:, None] & (offs_d < D)[None, :]
+    out = rows.to(tl.int64) * K + k
+    run_max = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    for s in range(0, n_split):
+        part = s * B * K + out
+        run_max = tl.maximum(run_max, tl.load(part_max_ptr + part, mask=row_mask, other=0.0))
+    run_sum = tl.zeros([BLOCK_B], tl.float32)
+    target = tl.zeros([BLOCK_B], tl.float32)
+    acc_o = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
+    for s in range(0, n_split):
+        part = s * B * K + out
+        scale = tl.exp(tl.load(part_max_ptr + part, mask=row_mask, other=0.0) - run_max)
+        run_sum += scale * tl.load(part_sum_ptr + part, mask=row_mask, other=1.0)  # 1: no log(0) in masked rows
+        target += tl.load(part_target_ptr + part, mask=row_mask, other=0.0)
+        if NEED_O:
+            acc_o += scale[:, None] * tl.load(part_o_ptr + part[:, None] * D + offs_d[None, :], mask=mask2, other=0.0)
+    lse = run_max + tl.log(run_sum)
     tl.store(lse_ptr + out, lse, mask=row_mask)
     tl.store(ce_ptr + out, lse - target, mask=row_mask)
     if NEED_O:
-        o = acc_o / run_sum[:, None]
-        tl.store(o_ptr + out[:, None] * D + offs_d[None, :], o, mask=row_mask[:, None] & d_mask[None, :])
+        tl.store(o_ptr + out[:, None] * D + offs_d[None, :], acc_o / run_sum[:, None], mask=mask2)
 
 
 @triton.jit
@@ -302,6 +361,12 @@ def _as_compute(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32).contiguous()
 
 
+def _arg(x: torch.Tensor, spare: torch.Tensor) -> torch.Tensor:
+    """A pointer argument the kernel does not touch may be an empty tensor (null data pointer, which
+    the GPU launcher rejects): pass a real one-element buffer instead."""
+    return x if x.numel() > 0 else spare
+
+
 def multi_expert_loss_forward(f, T, y, w, temperature: float, margin: float, entropy_weight: float, need_o: bool):
     """(loss, lse (B, K), ce (B, K), o (B, K, D) or empty, pbar (K, C) or empty), in f's dtype."""
     out_dtype = f.dtype
@@ -319,12 +384,29 @@ def multi_expert_loss_forward(f, T, y, w, temperature: float, margin: float, ent
     o = _alloc((B, K, D), f) if need_o else f.new_empty((0,))
     pbar = _alloc((K, C), f) if entropy else f.new_empty((0,))
     inv_batch = 1.0 / B
-    _multi_expert_loss_forward_kernel[(K, triton.cdiv(B, BLOCK_B))](
-        f, T, y, lse, ce, o, B, K, C, D, float(temperature), float(margin),
-        HAS_MARGIN=margin != 0.0, NEED_O=need_o, BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C, BLOCK_D=block_d, num_warps=warps,
+    spare = torch.empty((1,), dtype=torch.float32, device=f.device)
+    row_blocks = triton.cdiv(B, BLOCK_B)
+    n_split, chunk = _class_splits(C, K * row_blocks)
+    split = n_split > 1
+    if split:  # per-split running max, sum, target logit (and unnormalised o), merged below
+        part = torch.empty((3, n_split, B, K), dtype=torch.float32, device=f.device)
+        part_o = torch.empty((n_split, B, K, D), dtype=torch.float32, device=f.device) if need_o else spare
+        part_max, part_sum, part_target = part[0], part[1], part[2]
+    else:
+        part_max = part_sum = part_target = part_o = spare
+    _multi_expert_loss_forward_kernel[(K, row_blocks, n_split)](
+        f, T, y, lse, ce, _arg(o, spare), part_max, part_sum, part_target, part_o,
+        B, K, C, D, float(temperature), float(margin), chunk,
+        HAS_MARGIN=margin != 0.0, NEED_O=need_o, SPLIT=split,
+        BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C, BLOCK_D=block_d, num_warps=warps,
     )
+    if split:
+        _multi_expert_loss_merge_kernel[(K, row_blocks)](
+            part_max, part_sum, part_target, part_o, lse, ce, _arg(o, spare), B, K, D, n_split,
+            NEED_O=need_o, BLOCK_B=BLOCK_B, BLOCK_D=block_d, num_warps=warps,
+        )
     n_tiles = triton.cdiv(C, BLOCK_C)
-    partial = _alloc((K * n_tiles,), f) if entropy else f.new_empty((1,))
+    partial = _alloc((K * n_tiles,), f) if entropy else spare
     if entropy:
         _multi_expert_loss_entropy_kernel[(K, n_tiles)](
             f, T, y, lse, pbar, partial, B, K, C, D, float(temperature), float(margin), inv_batch,
@@ -361,9 +443,11 @@ def multi_expert_loss_backward(grad, f, T, y, w, lse, ce, o, pbar, temperature: 
     store_r = need_T and entropy
     q = torch.empty((B, K, D), dtype=torch.float32, device=f.device) if store_q else f.new_empty((0,))
     r = torch.empty((B, K), dtype=torch.float32, device=f.device) if store_r else f.new_empty((0,))
+    spare = torch.empty((1,), dtype=torch.float32, device=f.device)
+    o, pbar, q, r, df_arg, dT_arg, dw_arg = (_arg(x, spare) for x in (o, pbar, q, r, df, dT, dw))
     if need_rows or need_w:
         _multi_expert_loss_backward_kernel[(triton.cdiv(B, BLOCK_B),)](
-            grad, f, T, y, w, lse, ce, o, pbar, q, r, df, dw,
+            grad, f, T, y, w, lse, ce, o, pbar, q, r, df_arg, dw_arg,
             B, K, C, D, float(temperature), float(margin), inv_batch, float(entropy_weight),
             PER_SAMPLE=w.dim() == 2, HAS_MARGIN=has_margin, HAS_ENTROPY=entropy, NEED_ROWS=need_rows, NEED_F=need_f,
             STORE_Q=store_q, STORE_R=store_r, NEED_W=need_w,
@@ -372,7 +456,7 @@ def multi_expert_loss_backward(grad, f, T, y, w, lse, ce, o, pbar, temperature: 
         )
     if need_T:
         _multi_expert_loss_backward_expert_kernel[(K, triton.cdiv(C, BLOCK_C))](
-            grad, f, T, y, w, lse, pbar, q, r, dT,
+            grad, f, T, y, w, lse, pbar, q, r, dT_arg,
             B, K, C, D, float(temperature), float(margin), inv_batch, float(entropy_weight),
             PER_SAMPLE=w.dim() == 2, HAS_MARGIN=has_margin, HAS_ENTROPY=entropy,
             BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C, BLOCK_D=block_d, num_warps=warps,

@@ -91,7 +91,7 @@ __global__ void forward_rows_kernel(const scalar_t* __restrict__ f, const scalar
                                     const int64_t* __restrict__ y, scalar_t* lse_out, scalar_t* ce_out,
                                     scalar_t* o_out, int64_t K, int64_t C, int64_t D, acc_t tau, acc_t margin,
                                     bool need_o) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* g = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* o = g + D;
   __shared__ acc_t z[kCudaClassTile];
@@ -146,7 +146,7 @@ __global__ void forward_entropy_kernel(const scalar_t* __restrict__ f, const sca
                                        const int64_t* __restrict__ y, const scalar_t* __restrict__ lse,
                                        scalar_t* pbar_out, scalar_t* partial_out, int64_t B, int64_t K, int64_t C,
                                        int64_t D, acc_t tau, acc_t margin) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* g = reinterpret_cast<acc_t*>(smem_raw);
   __shared__ acc_t z[kCudaClassTile];
   __shared__ acc_t scratch[kCudaThreads];
@@ -207,7 +207,7 @@ __global__ void backward_rows_kernel(const scalar_t* __restrict__ grad_ptr, cons
                                      scalar_t* df_out, scalar_t* dw_out, int64_t B, int64_t K, int64_t C, int64_t D,
                                      acc_t tau, acc_t margin, acc_t entropy_weight, bool per_sample, bool need_rows,
                                      bool need_f, bool need_w) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* df = reinterpret_cast<acc_t*>(smem_raw);  // thread-owned elements
   acc_t* g = df + D;                                 // entropy sweep only: g, A, O
   acc_t* acc_a = g + D;
@@ -304,7 +304,7 @@ __global__ void backward_experts_kernel(const scalar_t* __restrict__ grad_ptr, c
                                         const scalar_t* __restrict__ pbar, const scalar_t* __restrict__ q,
                                         const scalar_t* __restrict__ r, scalar_t* dT, int64_t B, int64_t K, int64_t C,
                                         int64_t D, acc_t tau, acc_t margin, acc_t entropy_weight, bool per_sample) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* g = reinterpret_cast<acc_t*>(smem_raw);
   __shared__ acc_t z[kCudaExpertGradClasses];
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kCudaExpertGradClasses;

@@ -14,6 +14,9 @@ Forward
     needed and the entropy term is off, the same sweep also accumulates o_bk = sum_c p_bc T_k[c]
     flash-attention style (rescaled whenever the running max moves): the CE gradient through the
     logits is then sum_c dz_bc T_k[c] = grad a_bk (o_bk - T_k[y_b]), with no second sweep.
+    (Triton: when (expert, row block) pairs are too few to fill the GPU, e.g. B = 36, K = 3, the
+    classes are also split across programs; each split keeps its own running max / sum / target
+    logit / unnormalised o, and a merge kernel combines them through their log-sum-exps.)
   pass 2, only with the entropy term, per (expert, class tile), sweeping all rows: with lse from
     pass 1, p = exp(z - lse) gives the per-class column sums -> pbar_k = mean_b p_bk (kept for the
     backward) and sum_b sum_c -p log(p + eps); each program adds its classes' share of
