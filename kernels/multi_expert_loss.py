@@ -27,10 +27,10 @@ BLOCK_REDUCE = 256
 TARGET_PROGRAMS = 128
 
 
-def _class_splits(C: int, programs: int) -> tuple[int, int]:
+def _class_splits(C: int, programs: int, max_splits: int) -> tuple[int, int]:
     """(number of class splits, classes per split, a multiple of BLOCK_C) for the forward pass."""
     tiles = triton.cdiv(C, BLOCK_C)
-    want = max(1, min(tiles, TARGET_PROGRAMS // max(1, programs)))
+    want = max(1, min(tiles, max_splits, TARGET_PROGRAMS // max(1, programs)))
     chunk = triton.cdiv(tiles, want) * BLOCK_C
     return triton.cdiv(C, chunk), chunk
 
@@ -235,10 +235,11 @@ def _multi_expert_loss_backward_kernel(
     grad_ptr, f_ptr, T_ptr, y_ptr, w_ptr, lse_ptr, ce_ptr, o_ptr, pbar_ptr, q_ptr, r_ptr, df_ptr, dw_ptr,
     B, K, C, D, tau, margin, inv_batch, entropy_weight,
     PER_SAMPLE: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_ENTROPY: tl.constexpr, NEED_ROWS: tl.constexpr,
-    NEED_F: tl.constexpr, STORE_Q: tl.constexpr, STORE_R: tl.constexpr, NEED_W: tl.constexpr,
+    SWEEP: tl.constexpr, NEED_F: tl.constexpr, STORE_Q: tl.constexpr, STORE_R: tl.constexpr, NEED_W: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Program (row block), looping over experts: q_bk = sum_c dz_bc T_k[c], df = tau sum_k q, dw."""
+    """Program (row block), looping over experts: q_bk = sum_c dz_bc T_k[c] (from o, or by a class
+    sweep when the forward kept no o), df = tau sum_k q, dw."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
@@ -260,7 +261,8 @@ def _multi_expert_loss_backward_kernel(
         if NEED_ROWS:
             ty = tl.load(T_ptr + expert_base + yv[:, None].to(tl.int64) * D + offs_d[None, :], mask=mask2, other=0.0)
             ty = ty.to(tl.float32)
-            if HAS_ENTROPY:
+            if SWEEP:
+                # one class sweep: A = sum_c (a p + ew p u) T_c (+ O = sum_c p T_c, r = sum_c p u)
                 g = f
                 if HAS_MARGIN:
                     g = f - margin * ty
@@ -274,11 +276,14 @@ def _multi_expert_loss_backward_kernel(
                     t = _load_class_tile(T_ptr, expert_base, cols, c_mask, offs_d, d_mask, D)
                     z = tl.dot(g, tl.trans(t), input_precision="ieee") * tau
                     p = tl.where(c_mask[None, :], tl.exp(z - lse[:, None]), 0.0)
-                    pbar = tl.load(pbar_ptr + k * C + cols, mask=c_mask, other=0.0)
-                    pu = p * (_entropy_term_grad(p) - _entropy_term_grad(pbar)[None, :]) * inv_batch
-                    r += tl.sum(pu, axis=1)
-                    acc_a += tl.dot(a[:, None] * p + entropy_weight * pu, t, input_precision="ieee")
-                    acc_o += tl.dot(p, t, input_precision="ieee")
+                    if HAS_ENTROPY:
+                        pbar = tl.load(pbar_ptr + k * C + cols, mask=c_mask, other=0.0)
+                        pu = p * (_entropy_term_grad(p) - _entropy_term_grad(pbar)[None, :]) * inv_batch
+                        r += tl.sum(pu, axis=1)
+                        acc_a += tl.dot(a[:, None] * p + entropy_weight * pu, t, input_precision="ieee")
+                        acc_o += tl.dot(p, t, input_precision="ieee")
+                    else:
+                        acc_a += tl.dot(a[:, None] * p, t, input_precision="ieee")
                 q = grad * (acc_a - a[:, None] * ty - (entropy_weight * r)[:, None] * acc_o)
                 if STORE_R:
                     tl.store(r_ptr + out_bk, r, mask=row_mask)
@@ -386,7 +391,8 @@ def multi_expert_loss_forward(f, T, y, w, temperature: float, margin: float, ent
     inv_batch = 1.0 / B
     spare = torch.empty((1,), dtype=torch.float32, device=f.device)
     row_blocks = triton.cdiv(B, BLOCK_B)
-    n_split, chunk = _class_splits(C, K * row_blocks)
+    # per-split partial o (B, K, D) each: at most C / D splits, so they hold no more than the logits
+    n_split, chunk = _class_splits(C, K * row_blocks, max(1, C // D) if need_o else C)
     split = n_split > 1
     if split:  # per-split running max, sum, target logit (and unnormalised o), merged below
         part = torch.empty((3, n_split, B, K), dtype=torch.float32, device=f.device)
@@ -431,8 +437,10 @@ def multi_expert_loss_backward(grad, f, T, y, w, lse, ce, o, pbar, temperature: 
     has_margin = margin != 0.0
     # q (and r) per row: for df, for the margin path of dT, and r for the entropy part of dT
     need_rows = need_f or (need_T and (has_margin or entropy))
-    if need_rows and not entropy and tuple(o.shape) != (B, K, D):
-        raise RuntimeError("multi_expert_loss_backward: o from the forward pass is missing (run it with need_o=True)")
+    # o from the forward (CE only) saves the backward a class sweep; empty: the backward sweeps
+    sweep = entropy or o.numel() == 0
+    if not sweep and tuple(o.shape) != (B, K, D):
+        raise RuntimeError(f"multi_expert_loss_backward: o must be empty or (B, K, D), got {tuple(o.shape)}")
     block_d = _block_d(D)
     warps = _num_warps(block_d)
     inv_batch = 1.0 / B
@@ -449,7 +457,8 @@ def multi_expert_loss_backward(grad, f, T, y, w, lse, ce, o, pbar, temperature: 
         _multi_expert_loss_backward_kernel[(triton.cdiv(B, BLOCK_B),)](
             grad, f, T, y, w, lse, ce, o, pbar, q, r, df_arg, dw_arg,
             B, K, C, D, float(temperature), float(margin), inv_batch, float(entropy_weight),
-            PER_SAMPLE=w.dim() == 2, HAS_MARGIN=has_margin, HAS_ENTROPY=entropy, NEED_ROWS=need_rows, NEED_F=need_f,
+            PER_SAMPLE=w.dim() == 2, HAS_MARGIN=has_margin, HAS_ENTROPY=entropy, NEED_ROWS=need_rows, SWEEP=sweep,
+            NEED_F=need_f,
             STORE_Q=store_q, STORE_R=store_r, NEED_W=need_w,
             BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C, BLOCK_D=block_d, BLOCK_K=max(2, triton.next_power_of_2(K)),
             num_warps=warps,

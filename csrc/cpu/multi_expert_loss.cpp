@@ -13,9 +13,9 @@
 //             q_bk = grad a_bk (o_bk - T_k[y_b]).
 //             entropy (entropy term only), tasks (k, class tile) over all rows: p from the lse of
 //             pass 1, column sums -> pbar, and sum p log p -> one partial per task.
-//  backward   rows, tasks (k, rows): q_bk = sum_c dz_bc T_k[c]; with the entropy term one sweep
-//             accumulates A = sum_c (a p + ew p u) T_c, O = sum_c p T_c and r = sum_c p u, then
-//             q = grad (A - a T_y - ew r O). df_b = tau sum_k q_bk.
+//  backward   rows, tasks (k, rows): q_bk = sum_c dz_bc T_k[c], from o when the forward kept it,
+//             else one sweep accumulating A = sum_c (a p + ew p u) T_c (and, with the entropy term,
+//             O = sum_c p T_c and r = sum_c p u), q = grad (A - a T_y - ew r O). df_b = tau sum_k q_bk.
 //             experts (T requires grad), tasks (k, class tile) over all rows:
 //             dT_kc = tau sum_b dz_bc g_b - margin tau sum_{b: y_b = c} q_bk (the second term is the
 //             path through the gathered T_k[y_b]).
@@ -488,21 +488,23 @@ void backward_rows(const Inputs<scalar_t>& in, scalar_t grad, const scalar_t* ls
   using acc_t = scalar_t;
   const Shapes& s = in.s;
   const bool entropy = in.entropy_weight != scalar_t(0);
+  const bool sweep = entropy || o == nullptr;  // o is only kept by the forward for CE-only losses
+  const int64_t acc_rows = entropy ? 2 : 1;    // A, and O for the entropy term
   const int64_t rows = rows_per_task(s.B, s.K);
   const int64_t row_blocks = (s.B + rows - 1) / rows;
   const int64_t ct_max = std::min<int64_t>(kCpuClassTile, s.C);
   at::parallel_for(0, s.K * row_blocks, 1, [&](int64_t lo, int64_t hi) {
     std::vector<acc_t> pu_sum(rows);
-    std::vector<scalar_t> gbuf(entropy && in.margin != scalar_t(0) ? rows * s.D : 0);
-    std::vector<scalar_t> z(entropy ? rows * ct_max : 0);
-    std::vector<scalar_t> coef(entropy ? 2 * rows * ct_max : 0);
-    std::vector<scalar_t> acc(entropy ? 2 * rows * s.D : 0);
+    std::vector<scalar_t> gbuf(sweep && in.margin != scalar_t(0) ? rows * s.D : 0);
+    std::vector<scalar_t> z(sweep ? rows * ct_max : 0);
+    std::vector<scalar_t> coef(sweep ? acc_rows * rows * ct_max : 0);
+    std::vector<scalar_t> acc(sweep ? acc_rows * rows * s.D : 0);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t k = task / row_blocks;
       const int64_t b0 = (task % row_blocks) * rows;
       const int64_t n = std::min(rows, s.B - b0);
       const scalar_t* tk = in.expert(k);
-      if (!entropy) {
+      if (!sweep) {
         // CE only: sum_c dz_bc T_c = grad a (o_bk - T_k[y_b]), o from the forward sweep
         for (int64_t i = 0; i < n; ++i) {
           const int64_t b = b0 + i;
@@ -512,8 +514,8 @@ void backward_rows(const Inputs<scalar_t>& in, scalar_t grad, const scalar_t* ls
         continue;
       }
       const scalar_t* g = in.shifted_rows(k, b0, n, gbuf.data());
-      // rows [0, n): A = sum_c (a p + ew p u) T_c; rows [n, 2n): O = sum_c p T_c
-      std::fill(acc.begin(), acc.begin() + 2 * n * s.D, scalar_t(0));
+      // rows [0, n): A = sum_c (a p + ew p u) T_c; rows [n, 2n) (entropy only): O = sum_c p T_c
+      std::fill(acc.begin(), acc.begin() + acc_rows * n * s.D, scalar_t(0));
       std::fill(pu_sum.begin(), pu_sum.end(), acc_t(0));
       for (int64_t c0 = 0; c0 < s.C; c0 += kCpuClassTile) {
         const int64_t ct = std::min<int64_t>(kCpuClassTile, s.C - c0);
@@ -523,6 +525,11 @@ void backward_rows(const Inputs<scalar_t>& in, scalar_t grad, const scalar_t* ls
           const int64_t bk = (b0 + i) * s.K + k;
           const acc_t a = in.weight(b0 + i, k);
           scalar_t* p = z.data() + i * ct;
+          if (!entropy) {
+            scaled_exp_row(p, ct, in.tau, lse[bk], a);  // a p
+            std::copy(p, p + ct, coef.data() + i * ct);
+            continue;
+          }
           scaled_exp_row(p, ct, in.tau, lse[bk], scalar_t(1));
           for (int64_t j = 0; j < ct; ++j) {
             const acc_t pu = p[j] * entropy_prob_grad<acc_t>(p[j], pbar_grad[k * s.C + c0 + j], in.inv_batch);
@@ -531,15 +538,19 @@ void backward_rows(const Inputs<scalar_t>& in, scalar_t grad, const scalar_t* ls
             coef[(n + i) * ct + j] = p[j];
           }
         }
-        gemm<scalar_t>(false, false, 2 * n, s.D, ct, 1, coef.data(), ct, tile, s.D, 1, acc.data(), s.D);
+        gemm<scalar_t>(false, false, acc_rows * n, s.D, ct, 1, coef.data(), ct, tile, s.D, 1, acc.data(), s.D);
       }
       for (int64_t i = 0; i < n; ++i) {
         const int64_t bk = (b0 + i) * s.K + k;
         const scalar_t* ty = tk + in.y[b0 + i] * s.D;
         const scalar_t* acc_a = acc.data() + i * s.D;
-        const scalar_t* acc_p = acc.data() + (n + i) * s.D;
         scalar_t* qb = q + bk * s.D;
         const acc_t a = in.weight(b0 + i, k);
+        if (!entropy) {
+          for (int64_t d = 0; d < s.D; ++d) qb[d] = grad * (acc_a[d] - a * ty[d]);
+          continue;
+        }
+        const scalar_t* acc_p = acc.data() + (n + i) * s.D;
         const acc_t ew_r = in.entropy_weight * pu_sum[i];
         for (int64_t d = 0; d < s.D; ++d) qb[d] = grad * (acc_a[d] - a * ty[d] - ew_r * acc_p[d]);
         if (r != nullptr) r[bk] = pu_sum[i];
@@ -623,10 +634,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_expert_loss_backward_cpu(
               "lse and ce must be contiguous (B, K) = (", s.B, ", ", s.K, ") tensors of f's dtype");
   // q (and r) per row: for df, for the margin path of dT, and r for the entropy part of dT
   const bool need_rows = need_f || (need_T && (margin != 0.0 || entropy));
-  if (need_rows && !entropy) {
+  // o from the forward (CE only) saves the backward a class sweep; empty: the backward sweeps
+  const bool have_o = !entropy && o.numel() > 0;
+  if (have_o) {
     TORCH_CHECK(o.sizes() == at::IntArrayRef({s.B, s.K, s.D}) && o.is_contiguous() && o.scalar_type() == f.scalar_type(),
-                "o must be the (B, K, D) softmax-weighted expert features of the forward pass (run the forward "
-                "with need_o=True when f or T needs a gradient), got shape ", o.sizes());
+                "o must be empty or the (B, K, D) softmax-weighted expert features of the forward pass, got shape ",
+                o.sizes());
   }
   if (entropy) {
     TORCH_CHECK(pbar.sizes() == at::IntArrayRef({s.K, s.C}) && pbar.is_contiguous() &&
@@ -651,7 +664,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_expert_loss_backward_cpu(
     if (need_rows) {
       q.resize(s.B * s.K * s.D);
       if (entropy && need_T) r.resize(s.B * s.K);
-      backward_rows<scalar_t>(in, g, lse.data_ptr<scalar_t>(), entropy ? nullptr : o.data_ptr<scalar_t>(),
+      backward_rows<scalar_t>(in, g, lse.data_ptr<scalar_t>(), have_o ? o.data_ptr<scalar_t>() : nullptr,
                               pbar_grad.data(), q.data(), r.empty() ? nullptr : r.data());
     }
     if (need_f) {

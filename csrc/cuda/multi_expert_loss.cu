@@ -9,8 +9,8 @@
 //   forward_entropy   block (class tile of 32, k) over all rows: p from lse, column sums -> pbar,
 //                     and the tile's partial of mean_b H(p_b) - H(pbar_k) (fixed-order sums).
 //   finalize          one block: loss = sum a CE + entropy_weight * sum(partials), tree-reduced.
-//   backward_rows     block b, looping over k: q_bk (from o, or one class sweep with the entropy
-//                     term), df_b = tau sum_k q_bk, per-sample dw.
+//   backward_rows     block b, looping over k: q_bk (from o when the forward kept it, else one class
+//                     sweep), df_b = tau sum_k q_bk, per-sample dw.
 //   weight_grad       one block: batch-weight dw_k = grad sum_b CE_bk / B.
 //   backward_experts  block (8 classes, k) over all rows: dT rows of those classes, each element
 //                     owned by one thread across the row loop (no atomics), including the margin path
@@ -229,8 +229,8 @@ __global__ void backward_rows_kernel(const scalar_t* __restrict__ grad_ptr, cons
     if (!need_rows) continue;
     const scalar_t* tk = T + k * C * D;
     const scalar_t* ty = tk + yb * D;
-    if (!entropy) {
-      // CE only: sum_c dz_bc T_c = grad a (o_bk - T_k[y_b])
+    if (o != nullptr) {
+      // CE only, o kept by the forward: sum_c dz_bc T_c = grad a (o_bk - T_k[y_b])
       for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
         const acc_t q = grad * a * (static_cast<acc_t>(o[bk * D + d]) - static_cast<acc_t>(ty[d]));
         if (q_out != nullptr) q_out[bk * D + d] = static_cast<scalar_t>(q);
@@ -252,8 +252,11 @@ __global__ void backward_rows_kernel(const scalar_t* __restrict__ grad_ptr, cons
       __syncthreads();
       if (threadIdx.x < ct) {
         const acc_t p = exp_acc<acc_t>(z[threadIdx.x] - l);
-        const acc_t hbar = entropy_term_grad<acc_t>(static_cast<acc_t>(pbar[k * C + c0 + threadIdx.x]));
-        const acc_t pu_j = p * entropy_prob_grad<acc_t>(p, hbar, inv_batch);
+        acc_t pu_j = 0;
+        if (entropy) {
+          const acc_t hbar = entropy_term_grad<acc_t>(static_cast<acc_t>(pbar[k * C + c0 + threadIdx.x]));
+          pu_j = p * entropy_prob_grad<acc_t>(p, hbar, inv_batch);
+        }
         pu[threadIdx.x] = pu_j;
         coef_a[threadIdx.x] = a * p + entropy_weight * pu_j;
         z[threadIdx.x] = p;
@@ -453,10 +456,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_expert_loss_backward_cuda(
                   lse.is_contiguous() && ce.is_contiguous(),
               "lse and ce must be contiguous with shape (B, K) = (", s.B, ", ", s.K, ")");
   const bool need_rows = need_f || (need_T && (margin != 0.0 || entropy));
-  if (need_rows && !entropy) {
-    TORCH_CHECK(o.sizes() == at::IntArrayRef({s.B, s.K, s.D}) && o.is_contiguous(),
-                "o must be the (B, K, D) softmax-weighted expert features of the forward pass (run the forward "
-                "with need_o=True when f or T needs a gradient), got shape ", o.sizes());
+  // o from the forward (CE only) saves the backward a class sweep; empty: the backward sweeps
+  const bool have_o = !entropy && o.numel() > 0;
+  if (have_o) {
+    TORCH_CHECK(o.sizes() == at::IntArrayRef({s.B, s.K, s.D}) && o.is_contiguous() && o.scalar_type() == f.scalar_type(),
+                "o must be empty or the (B, K, D) softmax-weighted expert features of the forward pass, got shape ",
+                o.sizes());
   }
   if (entropy) {
     TORCH_CHECK(pbar.sizes() == at::IntArrayRef({s.K, s.C}) && pbar.is_contiguous(),
@@ -479,12 +484,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_expert_loss_backward_cuda(
     const acc_t ew = static_cast<acc_t>(entropy_weight);
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     if (need_rows || (need_w && s.per_sample)) {
-      const size_t smem = (entropy && need_rows ? 4 : 1) * s.D * sizeof(acc_t);
+      const size_t smem = (!have_o && need_rows ? 4 : 1) * s.D * sizeof(acc_t);
       check_shared(smem, s.D);
       backward_rows_kernel<scalar_t, acc_t><<<static_cast<unsigned>(s.B), kCudaThreads, smem, stream>>>(
           gp, f.data_ptr<scalar_t>(), T.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), w.data_ptr<scalar_t>(),
           lse.data_ptr<scalar_t>(), ce.data_ptr<scalar_t>(),
-          (need_rows && !entropy) ? o.data_ptr<scalar_t>() : nullptr, entropy ? pbar.data_ptr<scalar_t>() : nullptr,
+          have_o ? o.data_ptr<scalar_t>() : nullptr, entropy ? pbar.data_ptr<scalar_t>() : nullptr,
           store_q ? q.data_ptr<scalar_t>() : nullptr, store_r ? r.data_ptr<scalar_t>() : nullptr,
           need_f ? df.data_ptr<scalar_t>() : nullptr, need_w ? dw.data_ptr<scalar_t>() : nullptr, s.B, s.K, s.C, s.D,
           tau, m, ew, s.per_sample, need_rows, need_f, need_w);

@@ -12,21 +12,23 @@ Forward
   pass 1, per (expert, block of rows), sweeping class tiles: an online log-sum-exp (running max and
     rescaled running sum) gives lse_bk and CE_bk = lse_bk - z_{b,y_b}. When a gradient will be
     needed and the entropy term is off, the same sweep also accumulates o_bk = sum_c p_bc T_k[c]
-    flash-attention style (rescaled whenever the running max moves): the CE gradient through the
-    logits is then sum_c dz_bc T_k[c] = grad a_bk (o_bk - T_k[y_b]), with no second sweep.
+    (B x K x D, whatever C) flash-attention style (rescaled whenever the running max moves): the
+    CE gradient through the logits is then sum_c dz_bc T_k[c] = grad a_bk (o_bk - T_k[y_b]), with
+    no second sweep. (Without o the backward makes that sweep itself.)
     (Triton: when (expert, row block) pairs are too few to fill the GPU, e.g. B = 36, K = 3, the
     classes are also split across programs; each split keeps its own running max / sum / target
-    logit / unnormalised o, and a merge kernel combines them through their log-sum-exps.)
+    logit (and unnormalised o, which caps the splits at C / D so that these partials stay no
+    larger than the logits they replace), and a merge kernel combines them through their LSEs.)
   pass 2, only with the entropy term, per (expert, class tile), sweeping all rows: with lse from
     pass 1, p = exp(z - lse) gives the per-class column sums -> pbar_k = mean_b p_bk (kept for the
     backward) and sum_b sum_c -p log(p + eps); each program adds its classes' share of
     mean_b H(p_b) - H(pbar_k) to a per-program partial, so no atomics are needed.
   a final reduction sums a_bk CE_bk and the entropy partials into the scalar loss.
 Backward (q_bk = sum_c dz_bc T_k[c], dz the gradient of the loss w.r.t. the logits)
-  rows, per block of rows: q from o (entropy off), or one class sweep (entropy on) that accumulates
-    A = sum_c (a p + ew p u) T_c, O = sum_c p T_c and r = sum_c p u, where u_bc = dE/dp_bc needs
-    pbar from forward pass 2; then q = grad (A - a T_y - ew r O). df_b = tau sum_k q_bk, and
-    dw = grad CE / B (summed over the batch for batch weights).
+  rows, per block of rows: q from o when the forward kept it, else one class sweep that accumulates
+    A = sum_c (a p + ew p u) T_c and, with the entropy term, O = sum_c p T_c and r = sum_c p u,
+    where u_bc = dE/dp_bc needs pbar from forward pass 2; then q = grad (A - a T_y - ew r O).
+    df_b = tau sum_k q_bk, and dw = grad CE / B (summed over the batch for batch weights).
   experts (only when T requires grad), per (expert, class tile), sweeping all rows: recompute p,
     dz_bc = grad (a (p - [c = y]) + ew p (u - r)), dT_kc = tau sum_b dz_bc g_b, plus the margin
     path through the gathered T_k[y_b]: dT_k[y_b] -= margin tau q_bk (a one-hot product inside the
@@ -185,6 +187,9 @@ def multi_expert_loss(f, T, y, w, temperature, margin: float = 0.0, entropy_weig
     dtype = f.dtype if f.dtype in _COMPUTE_DTYPES else torch.float32  # fp16 / bf16 compute in fp32
     f_c, T_c, w_c = (x.to(dtype).contiguous() for x in (f, T, w))
     y_c = y.to(torch.int64).contiguous()
-    need_o = entropy_weight == 0.0 and torch.is_grad_enabled() and (f.requires_grad or T.requires_grad)
+    # o (B, K, D) turns the CE backward into an elementwise step (no second class sweep); it is
+    # needed when the backward needs sum_c dz T_c: for df, or for the margin path of dT
+    need_rows = f.requires_grad or (T.requires_grad and margin != 0.0)
+    need_o = entropy_weight == 0.0 and torch.is_grad_enabled() and need_rows
     loss = fused_multi_expert_loss(f_c, T_c, y_c, w_c, tau, tau_tensor, margin, entropy_weight, backend, need_o)[0]
     return loss if loss.dtype == f.dtype else loss.to(f.dtype)
