@@ -308,11 +308,23 @@ void check_labels_cpu(const at::Tensor& y, int64_t C) {
   }
 }
 
+// Below this many flops for one sweep over all logits (2 B K C D) the op runs on one thread: a
+// parallel region costs more than it saves there, and on a busy machine it also waits until every
+// thread of the pool gets scheduled.
+constexpr double kParallelFlops = 4e6;
+
+int64_t threads_for(int64_t B, int64_t K, int64_t C, int64_t D) {
+  const double flops = 2.0 * static_cast<double>(B) * K * C * D;
+  return flops < kParallelFlops ? 1 : std::max<int64_t>(1, at::get_num_threads());
+}
+
+// grain for at::parallel_for over `tasks`: all of them inline when the op runs on one thread
+int64_t grain(int64_t tasks, int64_t threads) { return threads > 1 ? 1 : tasks + 1; }
+
 // Rows per (expert, row block) task: about two tasks per thread, blocks of at most 64 rows. The
 // (expert, class tile) sweeps step through the rows in the same blocks, so every pass recomputes a
 // logit with the same GEMM shape and gets the same value (e.g. p = 1 exactly for a single class).
-int64_t rows_per_task(int64_t B, int64_t K) {
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+int64_t rows_per_task(int64_t B, int64_t K, int64_t threads) {
   const int64_t blocks_per_expert = std::max<int64_t>(1, (2 * threads + K - 1) / K);
   const int64_t rows = (B + blocks_per_expert - 1) / blocks_per_expert;
   return std::max<int64_t>(1, std::min<int64_t>(rows, 64));
@@ -327,6 +339,7 @@ struct Inputs {
   const scalar_t* w;
   Shapes s;
   scalar_t tau, margin, entropy_weight, inv_batch;
+  int64_t threads;  // threads_for(shapes), fixed per call
 
   const scalar_t* expert(int64_t k) const { return T + k * s.C * s.D; }
   scalar_t weight(int64_t b, int64_t k) const { return sample_weight<scalar_t>(w, s.per_sample, b, k, s.K, inv_batch); }
@@ -345,17 +358,17 @@ Inputs<scalar_t> raw_inputs(const at::Tensor& f, const at::Tensor& T, const at::
                             const Shapes& s, double tau, double margin, double entropy_weight) {
   return {f.data_ptr<scalar_t>(), T.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), w.data_ptr<scalar_t>(), s,
           static_cast<scalar_t>(tau), static_cast<scalar_t>(margin), static_cast<scalar_t>(entropy_weight),
-          scalar_t(1) / static_cast<scalar_t>(s.B)};
+          scalar_t(1) / static_cast<scalar_t>(s.B), threads_for(s.B, s.K, s.C, s.D)};
 }
 
 template <typename scalar_t>
 void forward_rows(const Inputs<scalar_t>& in, bool need_o, scalar_t* lse, scalar_t* ce, scalar_t* o) {
   using acc_t = scalar_t;
   const Shapes& s = in.s;
-  const int64_t rows = rows_per_task(s.B, s.K);
+  const int64_t rows = rows_per_task(s.B, s.K, in.threads);
   const int64_t row_blocks = (s.B + rows - 1) / rows;
   const int64_t ct_max = std::min<int64_t>(kCpuClassTile, s.C);
-  at::parallel_for(0, s.K * row_blocks, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, s.K * row_blocks, grain(s.K * row_blocks, in.threads), [&](int64_t lo, int64_t hi) {
     std::vector<OnlineLse<acc_t>> state(rows);
     std::vector<acc_t> target(rows);
     std::vector<scalar_t> gbuf(in.margin != scalar_t(0) ? rows * s.D : 0);
@@ -408,10 +421,10 @@ void forward_entropy(const Inputs<scalar_t>& in, const scalar_t* lse, scalar_t* 
   using acc_t = scalar_t;
   const Shapes& s = in.s;
   const int64_t tiles = (s.C + kCpuClassTile - 1) / kCpuClassTile;
-  const int64_t rows_max = rows_per_task(s.B, s.K);
+  const int64_t rows_max = rows_per_task(s.B, s.K, in.threads);
   const int64_t ct_max = std::min<int64_t>(kCpuClassTile, s.C);
   partial.assign(s.K * tiles, scalar_t(0));
-  at::parallel_for(0, s.K * tiles, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, s.K * tiles, grain(s.K * tiles, in.threads), [&](int64_t lo, int64_t hi) {
     std::vector<acc_t> colsum(ct_max);
     std::vector<scalar_t> gbuf(in.margin != scalar_t(0) ? rows_max * s.D : 0);
     std::vector<scalar_t> z(rows_max * ct_max);
@@ -490,10 +503,10 @@ void backward_rows(const Inputs<scalar_t>& in, scalar_t grad, const scalar_t* ls
   const bool entropy = in.entropy_weight != scalar_t(0);
   const bool sweep = entropy || o == nullptr;  // o is only kept by the forward for CE-only losses
   const int64_t acc_rows = entropy ? 2 : 1;    // A, and O for the entropy term
-  const int64_t rows = rows_per_task(s.B, s.K);
+  const int64_t rows = rows_per_task(s.B, s.K, in.threads);
   const int64_t row_blocks = (s.B + rows - 1) / rows;
   const int64_t ct_max = std::min<int64_t>(kCpuClassTile, s.C);
-  at::parallel_for(0, s.K * row_blocks, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, s.K * row_blocks, grain(s.K * row_blocks, in.threads), [&](int64_t lo, int64_t hi) {
     std::vector<acc_t> pu_sum(rows);
     std::vector<scalar_t> gbuf(sweep && in.margin != scalar_t(0) ? rows * s.D : 0);
     std::vector<scalar_t> z(sweep ? rows * ct_max : 0);
@@ -566,9 +579,9 @@ void backward_experts(const Inputs<scalar_t>& in, scalar_t grad, const scalar_t*
   const Shapes& s = in.s;
   const bool entropy = in.entropy_weight != scalar_t(0);
   const int64_t tiles = (s.C + kCpuClassTile - 1) / kCpuClassTile;
-  const int64_t rows_max = rows_per_task(s.B, s.K);
+  const int64_t rows_max = rows_per_task(s.B, s.K, in.threads);
   const int64_t ct_max = std::min<int64_t>(kCpuClassTile, s.C);
-  at::parallel_for(0, s.K * tiles, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, s.K * tiles, grain(s.K * tiles, in.threads), [&](int64_t lo, int64_t hi) {
     std::vector<scalar_t> gbuf(in.margin != scalar_t(0) ? rows_max * s.D : 0);
     std::vector<scalar_t> z(rows_max * ct_max);
     for (int64_t task = lo; task < hi; ++task) {
@@ -669,7 +682,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_expert_loss_backward_cpu(
     }
     if (need_f) {
       scalar_t* dfp = df.data_ptr<scalar_t>();
-      at::parallel_for(0, s.B, 1, [&](int64_t lo, int64_t hi) {
+      at::parallel_for(0, s.B, grain(s.B, s.B * s.K * s.D > (1 << 20) ? in.threads : 1), [&](int64_t lo, int64_t hi) {
         for (int64_t b = lo; b < hi; ++b) {
           scalar_t* out = dfp + b * s.D;
           const scalar_t* qb = q.data() + b * s.K * s.D;
