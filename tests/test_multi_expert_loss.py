@@ -52,15 +52,12 @@ def _check_against_reference(backend, shape, per_sample, margin, ew, tau=20.0, d
     f, T, y, w = _inputs(*shape, per_sample, device=device, requires=requires)
     loss, grads = _loss_and_grads(ops, f, T, y, w, tau, margin, ew, backend)
     ref_loss, ref_grads = _loss_and_grads(reference, f, T, y, w, tau, margin, ew)
+    where = f"{backend} (B, K, C, D) = {shape}, per_sample={per_sample}, margin={margin}, ew={ew}"
     assert loss.grad_fn is not None or not grads
-    assert_close(loss, ref_loss, "loss")
+    assert_close(loss, ref_loss, f"loss, {where}")
     names = [n for n, x in zip("fTw", (f, T, w)) if x.requires_grad]
     for name, got, want in zip(names, grads, ref_grads):
-        assert_close(got, want, f"grad {name}")
-
-
-def _shape_ids(shapes):
-    return ["x".join(map(str, s)) for s in shapes]
+        assert_close(got, want, f"grad {name}, {where}")
 
 
 @pytest.mark.parametrize("margin,ew", CONFIGS, ids=[f"m{m}-e{e}" for m, e in CONFIGS])
