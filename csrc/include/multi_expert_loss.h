@@ -58,7 +58,8 @@ GF_HOST_DEVICE acc_t log_acc(acc_t x) {
 #endif
 }
 
-// Online log-sum-exp over class tiles: the running max and the running sum of exp(z - max).
+// Online log-sum-exp over class tiles: the running max and the running sum of exp(z - max); the
+// caller adds a tile's exp(z - max) to sum after rescale().
 template <typename acc_t>
 struct OnlineLse {
   acc_t max;
@@ -76,12 +77,6 @@ struct OnlineLse {
     max = new_max;
     sum *= alpha;
     return alpha;
-  }
-  // exp_acc(z - max) of one logit of the current tile, added to the running sum.
-  GF_HOST_DEVICE acc_t push(acc_t z) {
-    const acc_t e = exp_acc(z - max);
-    sum += e;
-    return e;
   }
   GF_HOST_DEVICE acc_t lse() const { return max + log_acc(sum); }
 };
