@@ -33,6 +33,15 @@ TORCH_LIBRARY(guidg_fast, m) {
   m.def("cmattn_backward(Tensor grad_out, Tensor q, Tensor keys, bool cosine) -> (Tensor, Tensor)");
 
   // --- multi_expert_loss ---
+  // Forward: (loss, lse (B, K), ce (B, K), o (B, K, D) or empty, pbar (K, C) or empty). o is the
+  // softmax-weighted expert feature sum_c p_bc T_k[c] (only with need_o and no entropy term); pbar
+  // the batch-mean probabilities (only with the entropy term). Both feed the backward.
+  m.def("multi_expert_loss_forward(Tensor f, Tensor T, Tensor y, Tensor w, float temperature, float margin, "
+        "float entropy_weight, bool need_o) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Backward: (df (B, D), dT (K, C, D), dw like w); a gradient that is not needed comes back empty.
+  m.def("multi_expert_loss_backward(Tensor grad, Tensor f, Tensor T, Tensor y, Tensor w, Tensor lse, Tensor ce, "
+        "Tensor o, Tensor pbar, float temperature, float margin, float entropy_weight, bool need_f, bool need_T, "
+        "bool need_w) -> (Tensor, Tensor, Tensor)");
 
   // --- ensemble_logits ---
 

@@ -134,3 +134,49 @@ def check_tensor_lists(averaged_tensors, tensors) -> None:
         if a.shape != t.shape:
             raise ValueError(f"averaged_tensors[{i}] has shape {tuple(a.shape)} but tensors[{i}] has {tuple(t.shape)}")
         check_same(t, f"tensors[{i}]", a, f"averaged_tensors[{i}]")
+
+
+def check_multi_expert_loss_args(f, T, y, w, temperature, margin, entropy_weight, check_values: bool = True):
+    """Every check of ``ops.multi_expert_loss``; returns (B, K, C, D, tau, margin, entropy_weight).
+
+    ``check_values=False`` skips the checks that read tensor values (label range, finite weights, a
+    tensor temperature, for which tau comes back None): under torch.compile they would force a graph
+    break, so the fused op checks shapes, dtypes and devices while tracing, reads a tensor
+    temperature inside the op, and its kernels bound-check the labels.
+    """
+    B, K, C, D = check_features(f, T)
+    if check_values:
+        check_labels(y, B, C, f.device)
+        check_expert_weights(w, B, K, f)
+    else:
+        if not isinstance(y, torch.Tensor):
+            raise ValueError(f"y must be a torch.Tensor of class indices, got {type(y).__name__}")
+        if y.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"y must be an int64 (or int32) tensor of class indices, got dtype {y.dtype}")
+        if tuple(y.shape) != (B,):
+            raise ValueError(f"y must have shape ({B},) = (B,), got {tuple(y.shape)}")
+        if y.device != f.device:
+            raise ValueError(f"y must be on f's device {f.device}, got {y.device}")
+        check_tensor(w, "w", (1, 2))
+        check_same(w, "w", f, "f")
+        if w.dim() == 1 and w.shape[0] != K:
+            raise ValueError(f"w (batch weights) must have shape ({K},) = (K,), got {tuple(w.shape)}")
+        if w.dim() == 2 and tuple(w.shape) != (B, K):
+            raise ValueError(f"w (per-sample weights) must have shape ({B}, {K}) = (B, K), got {tuple(w.shape)}")
+    if not check_values and isinstance(temperature, torch.Tensor):
+        # a tensor temperature is read (and its value checked) inside the fused op while tracing
+        if temperature.numel() != 1:
+            raise ValueError(f"temperature must be a scalar, got shape {tuple(temperature.shape)}")
+        tau = None
+    else:
+        tau = check_temperature(temperature)
+    values = []
+    for name, value in (("margin", margin), ("entropy_weight", entropy_weight)):
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
+            value = value.detach().item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        values.append(float(value))
+    return B, K, C, D, tau, values[0], values[1]

@@ -1,0 +1,726 @@
+// CPU launcher for multi_expert_loss (math: csrc/include/multi_expert_loss.h; the pass structure
+// is described in guidg_fast/ops/multi_expert_loss.py).
+//
+// The (B, K, C) logits are never held at once: every sweep walks the classes of one expert in
+// tiles of kCpuClassTile. A tile's logits are one small GEMM (a block of margin-shifted feature
+// rows against the tile's rows of T_k) into a per-thread buffer, followed by row loops for the
+// softmax statistics; the exp-weighted sums back onto T (o, q, dT) are GEMMs again. Tasks are
+// independent (expert, row block) or (expert, class tile) pairs under one at::parallel_for, each
+// writing disjoint outputs, so results do not depend on the thread count.
+//   forward   rows, tasks (k, rows): online log-sum-exp -> lse, CE and, when a gradient will be
+//             needed and there is no entropy term, o_bk = sum_c p_bc T_k[c] (rescaled whenever
+//             the running max moves), which makes the CE backward the elementwise
+//             q_bk = grad a_bk (o_bk - T_k[y_b]).
+//             entropy (entropy term only), tasks (k, class tile) over all rows: p from the lse of
+//             pass 1, column sums -> pbar, and sum p log p -> one partial per task.
+//  backward   rows, tasks (k, rows): q_bk = sum_c dz_bc T_k[c], from o when the forward kept it,
+//             else one sweep accumulating A = sum_c (a p + ew p u) T_c (and, with the entropy term,
+//             O = sum_c p T_c and r = sum_c p u), q = grad (A - a T_y - ew r O). df_b = tau sum_k q_bk.
+//             experts (T requires grad), tasks (k, class tile) over all rows:
+//             dT_kc = tau sum_b dz_bc g_b - margin tau sum_{b: y_b = c} q_bk (the second term is the
+//             path through the gathered T_k[y_b]).
+// GEMMs call the BLAS that torch itself links (sgemm_/dgemm_, checked once at first use) directly,
+// without per-call tensor overhead; if it is not there they go through at::mm on the same buffers.
+// The float row loops are written so the compiler vectorises them (lane arrays for the
+// reductions, a polynomial exp) and are compiled for AVX-512 / AVX2 / baseline with runtime
+// selection, since the extension itself is built for the baseline ISA.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "multi_expert_loss.h"
+
+// Fortran BLAS of the library torch links (MKL on x86 wheels); weak, so a torch without them still
+// loads this extension and the GEMMs fall back to at::mm.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define GF_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define GF_VECTOR_CLONES
+#endif
+
+namespace guidg_fast {
+namespace multi_expert_loss {
+namespace {
+
+constexpr int kLanes = 16;        // independent partial sums / maxima in the vectorised row loops
+
+bool poison_outputs() {
+  const char* v = std::getenv("GUIDG_FAST_POISON");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+// Outputs are filled with NaN under GUIDG_FAST_POISON=1, so a test sees any element a kernel skips.
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  if (poison_outputs()) return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options);
+  return at::empty(sizes, options);
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM on row-major buffers: C (M x N) = alpha op(A) op(B) + beta C, op(A) M x K, op(B) K x N.
+
+void blas_call(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb,
+               float beta, float* c, int ldc) {
+  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+void blas_call(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda, const double* b, int ldb,
+               double beta, double* c, int ldc) {
+  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+
+// Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
+template <typename scalar_t>
+void gemm_blas(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, scalar_t alpha, const scalar_t* A,
+               int64_t lda, const scalar_t* B, int64_t ldb, scalar_t beta, scalar_t* C, int64_t ldc) {
+  blas_call(trans_b ? 'T' : 'N', trans_a ? 'T' : 'N', static_cast<int>(N), static_cast<int>(M), static_cast<int>(K),
+            alpha, B, static_cast<int>(ldb), A, static_cast<int>(lda), beta, C, static_cast<int>(ldc));
+}
+
+template <typename scalar_t>
+void gemm_aten(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, scalar_t alpha, const scalar_t* A,
+               int64_t lda, const scalar_t* B, int64_t ldb, scalar_t beta, scalar_t* C, int64_t ldc) {
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  auto view = [&](const scalar_t* p, bool trans, int64_t rows, int64_t cols, int64_t ld) {
+    at::Tensor t = at::from_blob(const_cast<scalar_t*>(p), {trans ? cols : rows, trans ? rows : cols}, {ld, 1}, options);
+    return trans ? t.t() : t;
+  };
+  at::Tensor a = view(A, trans_a, M, K, lda);
+  at::Tensor b = view(B, trans_b, K, N, ldb);
+  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, options);
+  if (beta == scalar_t(0)) {
+    at::mm_out(c, a, b);
+    if (alpha != scalar_t(1)) c.mul_(alpha);
+  } else {
+    c.addmm_(a, b, beta, alpha);
+  }
+}
+
+// Whether the BLAS symbols are present and behave as LP64 Fortran BLAS (a 2x3 by 3x2 check).
+bool blas_usable() {
+  static const bool usable = [] {
+    if (sgemm_ == nullptr || dgemm_ == nullptr) return false;
+    const float a[6] = {1, 2, 3, 4, 5, 6};
+    const float b[6] = {1, 0, 0, 1, 1, 1};
+    float c[4] = {0, 0, 0, 0};
+    gemm_blas<float>(false, false, 2, 2, 3, 1.0f, a, 3, b, 2, 0.0f, c, 2);
+    const double ad[6] = {1, 2, 3, 4, 5, 6};
+    const double bd[6] = {1, 0, 0, 1, 1, 1};
+    double cd[4] = {0, 0, 0, 0};
+    gemm_blas<double>(false, true, 2, 2, 3, 1.0, ad, 3, bd, 3, 0.0, cd, 2);
+    return c[0] == 4 && c[1] == 5 && c[2] == 10 && c[3] == 11 && cd[0] == 3 && cd[1] == 5 && cd[2] == 6 &&
+           cd[3] == 14;
+  }();
+  return usable;
+}
+
+template <typename scalar_t>
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, scalar_t alpha, const scalar_t* A, int64_t lda,
+          const scalar_t* B, int64_t ldb, scalar_t beta, scalar_t* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  const bool fits = std::max({M, N, K, lda, ldb, ldc}) < std::numeric_limits<int>::max();
+  if (fits && blas_usable()) {
+    gemm_blas<scalar_t>(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  } else {
+    gemm_aten<scalar_t>(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row loops. float: vectorisable (polynomial exp, lane arrays); double: plain std:: math.
+
+// exp(x) in float: Cody-Waite reduction to |r| <= ln2 / 2 and a degree-7 polynomial, ~2 ulp;
+// 0 below -87 (where expf underflows to denormals anyway). Branch-free, so loops vectorise.
+inline __attribute__((always_inline)) float exp_poly(float x) {
+  const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest integer
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.98412698e-4f;
+  p = p * r + 1.38888889e-3f;
+  p = p * r + 8.33333333e-3f;
+  p = p * r + 4.16666667e-2f;
+  p = p * r + 1.66666667e-1f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+// row <- tau * row; returns the max
+GF_VECTOR_CLONES float scale_max_row(float* row, int64_t n, float tau) {
+  float lanes[kLanes];
+  for (int l = 0; l < kLanes; ++l) lanes[l] = -INFINITY;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const float v = tau * row[j + l];
+      row[j + l] = v;
+      lanes[l] = v > lanes[l] ? v : lanes[l];
+    }
+  }
+  float m = -INFINITY;
+  for (; j < n; ++j) {
+    row[j] = tau * row[j];
+    m = row[j] > m ? row[j] : m;
+  }
+  for (int l = 0; l < kLanes; ++l) m = lanes[l] > m ? lanes[l] : m;
+  return m;
+}
+double scale_max_row(double* row, int64_t n, double tau) {
+  double m = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) {
+    row[j] = tau * row[j];
+    m = std::max(m, row[j]);
+  }
+  return m;
+}
+
+// row <- exp(row - shift); returns the sum
+GF_VECTOR_CLONES float exp_sum_row(float* row, int64_t n, float shift) {
+  float lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const float e = exp_poly(row[j + l] - shift);
+      row[j + l] = e;
+      lanes[l] += e;
+    }
+  }
+  float s = 0;
+  for (; j < n; ++j) {
+    row[j] = exp_poly(row[j] - shift);
+    s += row[j];
+  }
+  for (int l = 0; l < kLanes; ++l) s += lanes[l];
+  return s;
+}
+double exp_sum_row(double* row, int64_t n, double shift) {
+  double s = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    row[j] = std::exp(row[j] - shift);
+    s += row[j];
+  }
+  return s;
+}
+
+// row <- scale * exp(tau * row - shift): softmax probabilities (scale 1) or CE logit gradients.
+// tau * row is rounded (stored) before the shift, exactly as in the forward sweep, so that e.g. a
+// single class gets p = 1 exactly; a fused multiply-add here would not round it.
+GF_VECTOR_CLONES void scaled_exp_row(float* row, int64_t n, float tau, float shift, float scale) {
+  for (int64_t j = 0; j < n; ++j) row[j] = tau * row[j];
+  for (int64_t j = 0; j < n; ++j) row[j] = scale * exp_poly(row[j] - shift);
+}
+void scaled_exp_row(double* row, int64_t n, double tau, double shift, double scale) {
+  for (int64_t j = 0; j < n; ++j) row[j] = tau * row[j];
+  for (int64_t j = 0; j < n; ++j) row[j] = scale * std::exp(row[j] - shift);
+}
+
+// out <- f - margin t: the product is stored (rounded) before the subtraction, as in the reference
+GF_VECTOR_CLONES void shift_row(float* __restrict__ out, const float* __restrict__ f, const float* __restrict__ t,
+                                float margin, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) out[d] = margin * t[d];
+  for (int64_t d = 0; d < n; ++d) out[d] = f[d] - out[d];
+}
+void shift_row(double* __restrict__ out, const double* __restrict__ f, const double* __restrict__ t, double margin,
+               int64_t n) {
+  for (int64_t d = 0; d < n; ++d) out[d] = shifted_feature<double>(f[d], t[d], margin);
+}
+
+// x <- scale * x
+GF_VECTOR_CLONES void scale_row(float* __restrict__ x, float scale, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) x[d] *= scale;
+}
+void scale_row(double* __restrict__ x, double scale, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) x[d] *= scale;
+}
+
+// out <- scale * (a - b)
+GF_VECTOR_CLONES void scaled_difference(float* __restrict__ out, const float* __restrict__ a,
+                                        const float* __restrict__ b, float scale, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) out[d] = scale * (a[d] - b[d]);
+}
+void scaled_difference(double* __restrict__ out, const double* __restrict__ a, const double* __restrict__ b,
+                       double scale, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) out[d] = scale * (a[d] - b[d]);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+struct Shapes {
+  int64_t B, K, C, D;
+  bool per_sample;
+};
+
+Shapes check_inputs(const at::Tensor& f, const at::Tensor& T, const at::Tensor& y, const at::Tensor& w) {
+  GF_CHECK_DIM(f, 2, "f");
+  GF_CHECK_DIM(T, 3, "T");
+  GF_CHECK_DIM(y, 1, "y");
+  TORCH_CHECK(w.dim() == 1 || w.dim() == 2, "w must be 1-D (K,) or 2-D (B, K), got shape ", w.sizes());
+  GF_CHECK_CONTIGUOUS(f, "f");
+  GF_CHECK_CONTIGUOUS(T, "T");
+  GF_CHECK_CONTIGUOUS(y, "y");
+  GF_CHECK_CONTIGUOUS(w, "w");
+  GF_CHECK_FLOATING(f, "f");
+  TORCH_CHECK(T.scalar_type() == f.scalar_type() && w.scalar_type() == f.scalar_type(),
+              "T and w must have f's dtype ", f.scalar_type(), ", got ", T.scalar_type(), " and ", w.scalar_type());
+  TORCH_CHECK(y.scalar_type() == at::kLong, "y must be int64, got ", y.scalar_type());
+  GF_CHECK_SAME_DEVICE(T, f, "T", "f");
+  GF_CHECK_SAME_DEVICE(y, f, "y", "f");
+  GF_CHECK_SAME_DEVICE(w, f, "w", "f");
+  Shapes s{f.size(0), T.size(0), T.size(1), f.size(1), w.dim() == 2};
+  TORCH_CHECK(T.size(2) == s.D, "T must have shape (K, C, ", s.D, "), got ", T.sizes());
+  TORCH_CHECK(s.B > 0 && s.K > 0 && s.C > 0 && s.D > 0, "f and T must be non-empty, got ", f.sizes(), " and ", T.sizes());
+  TORCH_CHECK(y.size(0) == s.B, "y must have shape (", s.B, ",), got ", y.sizes());
+  if (s.per_sample) {
+    TORCH_CHECK(w.size(0) == s.B && w.size(1) == s.K, "w (per-sample weights) must have shape (", s.B, ", ", s.K,
+                "), got ", w.sizes());
+  } else {
+    TORCH_CHECK(w.size(0) == s.K, "w (batch weights) must have shape (", s.K, ",), got ", w.sizes());
+  }
+  return s;
+}
+
+void check_labels_cpu(const at::Tensor& y, int64_t C) {
+  const int64_t* yp = y.data_ptr<int64_t>();
+  for (int64_t b = 0; b < y.numel(); ++b) {
+    TORCH_CHECK(yp[b] >= 0 && yp[b] < C, "y must hold class indices in [0, ", C, "), got y[", b, "] = ", yp[b]);
+  }
+}
+
+// Below this many flops for one sweep over all logits (2 B K C D) the op runs on one thread: a
+// parallel region costs more than it saves there, and on a busy machine it also waits until every
+// thread of the pool gets scheduled.
+constexpr double kParallelFlops = 4e6;
+
+int64_t threads_for(int64_t B, int64_t K, int64_t C, int64_t D) {
+  const double flops = 2.0 * static_cast<double>(B) * K * C * D;
+  return flops < kParallelFlops ? 1 : std::max<int64_t>(1, at::get_num_threads());
+}
+
+// grain for at::parallel_for over `tasks`: all of them inline when the op runs on one thread
+int64_t grain(int64_t tasks, int64_t threads) { return threads > 1 ? 1 : tasks + 1; }
+
+// Rows per (expert, row block) task: about two tasks per thread, blocks of at most 64 rows. The
+// (expert, class tile) sweeps step through the rows in the same blocks, so every pass recomputes a
+// logit with the same GEMM shape and gets the same value (e.g. p = 1 exactly for a single class).
+int64_t rows_per_task(int64_t B, int64_t K, int64_t threads) {
+  const int64_t blocks_per_expert = std::max<int64_t>(1, (2 * threads + K - 1) / K);
+  const int64_t rows = (B + blocks_per_expert - 1) / blocks_per_expert;
+  return std::max<int64_t>(1, std::min<int64_t>(rows, 64));
+}
+
+// Raw views of the op's inputs.
+template <typename scalar_t>
+struct Inputs {
+  const scalar_t* f;
+  const scalar_t* T;
+  const int64_t* y;
+  const scalar_t* w;
+  Shapes s;
+  scalar_t tau, margin, entropy_weight, inv_batch;
+  int64_t threads;  // threads_for(shapes), fixed per call
+
+  const scalar_t* expert(int64_t k) const { return T + k * s.C * s.D; }
+  scalar_t weight(int64_t b, int64_t k) const { return sample_weight<scalar_t>(w, s.per_sample, b, k, s.K, inv_batch); }
+  // g_b = f_b - margin T_k[y_b] for rows [b0, b0 + n): f itself when the margin is 0 (as the
+  // reference skips the subtraction), else written to buf (n x D)
+  const scalar_t* shifted_rows(int64_t k, int64_t b0, int64_t n, scalar_t* buf) const {
+    if (margin == scalar_t(0)) return f + b0 * s.D;
+    const scalar_t* tk = expert(k);
+    for (int64_t i = 0; i < n; ++i) shift_row(buf + i * s.D, f + (b0 + i) * s.D, tk + y[b0 + i] * s.D, margin, s.D);
+    return buf;
+  }
+};
+
+template <typename scalar_t>
+Inputs<scalar_t> raw_inputs(const at::Tensor& f, const at::Tensor& T, const at::Tensor& y, const at::Tensor& w,
+                            const Shapes& s, double tau, double margin, double entropy_weight) {
+  return {f.data_ptr<scalar_t>(), T.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), w.data_ptr<scalar_t>(), s,
+          static_cast<scalar_t>(tau), static_cast<scalar_t>(margin), static_cast<scalar_t>(entropy_weight),
+          scalar_t(1) / static_cast<scalar_t>(s.B), threads_for(s.B, s.K, s.C, s.D)};
+}
+
+template <typename scalar_t>
+void forward_rows(const Inputs<scalar_t>& in, bool need_o, scalar_t* lse, scalar_t* ce, scalar_t* o) {
+  using acc_t = scalar_t;
+  const Shapes& s = in.s;
+  const int64_t rows = rows_per_task(s.B, s.K, in.threads);
+  const int64_t row_blocks = (s.B + rows - 1) / rows;
+  const int64_t ct_max = std::min<int64_t>(kCpuClassTile, s.C);
+  at::parallel_for(0, s.K * row_blocks, grain(s.K * row_blocks, in.threads), [&](int64_t lo, int64_t hi) {
+    std::vector<OnlineLse<acc_t>> state(rows);
+    std::vector<acc_t> target(rows);
+    std::vector<scalar_t> gbuf(in.margin != scalar_t(0) ? rows * s.D : 0);
+    std::vector<scalar_t> z(rows * ct_max);
+    std::vector<scalar_t> acc_o(need_o ? rows * s.D : 0);
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t k = task / row_blocks;
+      const int64_t b0 = (task % row_blocks) * rows;
+      const int64_t n = std::min(rows, s.B - b0);
+      const scalar_t* g = in.shifted_rows(k, b0, n, gbuf.data());
+      const scalar_t* tk = in.expert(k);
+      std::fill(acc_o.begin(), acc_o.end(), scalar_t(0));
+      for (int64_t i = 0; i < n; ++i) {
+        state[i].init();
+        target[i] = acc_t(0);
+      }
+      for (int64_t c0 = 0; c0 < s.C; c0 += kCpuClassTile) {
+        const int64_t ct = std::min<int64_t>(kCpuClassTile, s.C - c0);
+        const scalar_t* tile = tk + c0 * s.D;
+        gemm<scalar_t>(false, true, n, ct, s.D, 1, g, s.D, tile, s.D, 0, z.data(), ct);  // z = g tile^T
+        for (int64_t i = 0; i < n; ++i) {
+          scalar_t* row = z.data() + i * ct;
+          const acc_t tile_max = scale_max_row(row, ct, in.tau);
+          const int64_t yi = in.y[b0 + i] - c0;
+          if (yi >= 0 && yi < ct) target[i] = row[yi];
+          const acc_t alpha = state[i].rescale(tile_max);
+          state[i].sum += exp_sum_row(row, ct, static_cast<scalar_t>(state[i].max));  // row <- exp(z - max)
+          if (need_o && c0 > 0 && alpha != acc_t(1)) scale_row(acc_o.data() + i * s.D, alpha, s.D);
+        }
+        if (need_o) gemm<scalar_t>(false, false, n, s.D, ct, 1, z.data(), ct, tile, s.D, 1, acc_o.data(), s.D);
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t bk = (b0 + i) * s.K + k;
+        const acc_t l = state[i].lse();
+        lse[bk] = l;
+        ce[bk] = l - target[i];
+        if (need_o) {
+          scalar_t* dst = o + bk * s.D;
+          std::copy(acc_o.data() + i * s.D, acc_o.data() + (i + 1) * s.D, dst);
+          scale_row(dst, acc_t(1) / state[i].sum, s.D);
+        }
+      }
+    }
+  });
+}
+
+// Entropy pass: pbar (K, C) and one partial sum of [mean_b H(p_b) - H(pbar)] per (k, class tile).
+template <typename scalar_t>
+void forward_entropy(const Inputs<scalar_t>& in, const scalar_t* lse, scalar_t* pbar, std::vector<scalar_t>& partial) {
+  using acc_t = scalar_t;
+  const Shapes& s = in.s;
+  const int64_t tiles = (s.C + kCpuClassTile - 1) / kCpuClassTile;
+  const int64_t rows_max = rows_per_task(s.B, s.K, in.threads);
+  const int64_t ct_max = std::min<int64_t>(kCpuClassTile, s.C);
+  partial.assign(s.K * tiles, scalar_t(0));
+  at::parallel_for(0, s.K * tiles, grain(s.K * tiles, in.threads), [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> colsum(ct_max);
+    std::vector<scalar_t> gbuf(in.margin != scalar_t(0) ? rows_max * s.D : 0);
+    std::vector<scalar_t> z(rows_max * ct_max);
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t k = task / tiles;
+      const int64_t c0 = (task % tiles) * kCpuClassTile;
+      const int64_t ct = std::min<int64_t>(kCpuClassTile, s.C - c0);
+      const scalar_t* tile = in.expert(k) + c0 * s.D;
+      std::fill(colsum.begin(), colsum.end(), acc_t(0));
+      acc_t row_entropy = 0;
+      for (int64_t b0 = 0; b0 < s.B; b0 += rows_max) {
+        const int64_t n = std::min(rows_max, s.B - b0);
+        const scalar_t* g = in.shifted_rows(k, b0, n, gbuf.data());
+        gemm<scalar_t>(false, true, n, ct, s.D, 1, g, s.D, tile, s.D, 0, z.data(), ct);
+        for (int64_t i = 0; i < n; ++i) {
+          scalar_t* row = z.data() + i * ct;
+          scaled_exp_row(row, ct, in.tau, lse[(b0 + i) * s.K + k], scalar_t(1));  // p
+          for (int64_t j = 0; j < ct; ++j) {
+            colsum[j] += row[j];
+            row_entropy += entropy_term<acc_t>(row[j]);
+          }
+        }
+      }
+      acc_t mean_entropy = 0;
+      for (int64_t j = 0; j < ct; ++j) {
+        const acc_t pb = colsum[j] * in.inv_batch;
+        pbar[k * s.C + c0 + j] = pb;
+        mean_entropy += entropy_term(pb);
+      }
+      partial[task] = row_entropy * in.inv_batch - mean_entropy;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_expert_loss_forward_cpu(
+    const at::Tensor& f, const at::Tensor& T, const at::Tensor& y, const at::Tensor& w, double temperature,
+    double margin, double entropy_weight, bool need_o) {
+  const Shapes s = check_inputs(f, T, y, w);
+  check_labels_cpu(y, s.C);
+  TORCH_CHECK(temperature > 0, "temperature must be positive, got ", temperature);
+  const auto options = f.options();
+  const bool entropy = entropy_weight != 0.0;
+  need_o = need_o && !entropy;  // with the entropy term the backward sweeps the classes itself
+  at::Tensor loss = new_output({}, options);
+  at::Tensor lse = new_output({s.B, s.K}, options);
+  at::Tensor ce = new_output({s.B, s.K}, options);
+  at::Tensor o = need_o ? new_output({s.B, s.K, s.D}, options) : at::empty({0}, options);
+  at::Tensor pbar = entropy ? new_output({s.K, s.C}, options) : at::empty({0}, options);
+  AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "multi_expert_loss_forward_cpu", [&] {
+    using acc_t = scalar_t;
+    const auto in = raw_inputs<scalar_t>(f, T, y, w, s, temperature, margin, entropy_weight);
+    forward_rows<scalar_t>(in, need_o, lse.data_ptr<scalar_t>(), ce.data_ptr<scalar_t>(),
+                           need_o ? o.data_ptr<scalar_t>() : nullptr);
+    const scalar_t* cep = ce.data_ptr<scalar_t>();
+    acc_t total = 0;
+    for (int64_t k = 0; k < s.K; ++k) {
+      for (int64_t b = 0; b < s.B; ++b) total += in.weight(b, k) * cep[b * s.K + k];
+    }
+    if (entropy) {
+      std::vector<scalar_t> partial;
+      forward_entropy<scalar_t>(in, lse.data_ptr<scalar_t>(), pbar.data_ptr<scalar_t>(), partial);
+      acc_t ent = 0;
+      for (const scalar_t v : partial) ent += v;
+      total += in.entropy_weight * ent;
+    }
+    *loss.data_ptr<scalar_t>() = total;
+  });
+  return {loss, lse, ce, o, pbar};
+}
+
+template <typename scalar_t>
+void backward_rows(const Inputs<scalar_t>& in, scalar_t grad, const scalar_t* lse, const scalar_t* o,
+                   const scalar_t* pbar_grad, scalar_t* q, scalar_t* r) {
+  using acc_t = scalar_t;
+  const Shapes& s = in.s;
+  const bool entropy = in.entropy_weight != scalar_t(0);
+  const bool sweep = entropy || o == nullptr;  // o is only kept by the forward for CE-only losses
+  const int64_t acc_rows = entropy ? 2 : 1;    // A, and O for the entropy term
+  const int64_t rows = rows_per_task(s.B, s.K, in.threads);
+  const int64_t row_blocks = (s.B + rows - 1) / rows;
+  const int64_t ct_max = std::min<int64_t>(kCpuClassTile, s.C);
+  at::parallel_for(0, s.K * row_blocks, grain(s.K * row_blocks, in.threads), [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> pu_sum(rows);
+    std::vector<scalar_t> gbuf(sweep && in.margin != scalar_t(0) ? rows * s.D : 0);
+    std::vector<scalar_t> z(sweep ? rows * ct_max : 0);
+    std::vector<scalar_t> coef(sweep ? acc_rows * rows * ct_max : 0);
+    std::vector<scalar_t> acc(sweep ? acc_rows * rows * s.D : 0);
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t k = task / row_blocks;
+      const int64_t b0 = (task % row_blocks) * rows;
+      const int64_t n = std::min(rows, s.B - b0);
+      const scalar_t* tk = in.expert(k);
+      if (!sweep) {
+        // CE only: sum_c dz_bc T_c = grad a (o_bk - T_k[y_b]), o from the forward sweep
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t b = b0 + i;
+          const int64_t bk = b * s.K + k;
+          scaled_difference(q + bk * s.D, o + bk * s.D, tk + in.y[b] * s.D, grad * in.weight(b, k), s.D);
+        }
+        continue;
+      }
+      const scalar_t* g = in.shifted_rows(k, b0, n, gbuf.data());
+      // rows [0, n): A = sum_c (a p + ew p u) T_c; rows [n, 2n) (entropy only): O = sum_c p T_c
+      std::fill(acc.begin(), acc.begin() + acc_rows * n * s.D, scalar_t(0));
+      std::fill(pu_sum.begin(), pu_sum.end(), acc_t(0));
+      for (int64_t c0 = 0; c0 < s.C; c0 += kCpuClassTile) {
+        const int64_t ct = std::min<int64_t>(kCpuClassTile, s.C - c0);
+        const scalar_t* tile = tk + c0 * s.D;
+        gemm<scalar_t>(false, true, n, ct, s.D, 1, g, s.D, tile, s.D, 0, z.data(), ct);
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t bk = (b0 + i) * s.K + k;
+          const acc_t a = in.weight(b0 + i, k);
+          scalar_t* p = z.data() + i * ct;
+          if (!entropy) {
+            scaled_exp_row(p, ct, in.tau, lse[bk], a);  // a p
+            std::copy(p, p + ct, coef.data() + i * ct);
+            continue;
+          }
+          scaled_exp_row(p, ct, in.tau, lse[bk], scalar_t(1));
+          for (int64_t j = 0; j < ct; ++j) {
+            const acc_t pu = p[j] * entropy_prob_grad<acc_t>(p[j], pbar_grad[k * s.C + c0 + j], in.inv_batch);
+            pu_sum[i] += pu;
+            coef[i * ct + j] = a * p[j] + in.entropy_weight * pu;
+            coef[(n + i) * ct + j] = p[j];
+          }
+        }
+        gemm<scalar_t>(false, false, acc_rows * n, s.D, ct, 1, coef.data(), ct, tile, s.D, 1, acc.data(), s.D);
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t bk = (b0 + i) * s.K + k;
+        const scalar_t* ty = tk + in.y[b0 + i] * s.D;
+        const scalar_t* acc_a = acc.data() + i * s.D;
+        scalar_t* qb = q + bk * s.D;
+        const acc_t a = in.weight(b0 + i, k);
+        if (!entropy) {
+          for (int64_t d = 0; d < s.D; ++d) qb[d] = grad * (acc_a[d] - a * ty[d]);
+          continue;
+        }
+        const scalar_t* acc_p = acc.data() + (n + i) * s.D;
+        const acc_t ew_r = in.entropy_weight * pu_sum[i];
+        for (int64_t d = 0; d < s.D; ++d) qb[d] = grad * (acc_a[d] - a * ty[d] - ew_r * acc_p[d]);
+        if (r != nullptr) r[bk] = pu_sum[i];
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_experts(const Inputs<scalar_t>& in, scalar_t grad, const scalar_t* lse, const scalar_t* pbar_grad,
+                      const scalar_t* q, const scalar_t* r, scalar_t* dT) {
+  using acc_t = scalar_t;
+  const Shapes& s = in.s;
+  const bool entropy = in.entropy_weight != scalar_t(0);
+  const int64_t tiles = (s.C + kCpuClassTile - 1) / kCpuClassTile;
+  const int64_t rows_max = rows_per_task(s.B, s.K, in.threads);
+  const int64_t ct_max = std::min<int64_t>(kCpuClassTile, s.C);
+  at::parallel_for(0, s.K * tiles, grain(s.K * tiles, in.threads), [&](int64_t lo, int64_t hi) {
+    std::vector<scalar_t> gbuf(in.margin != scalar_t(0) ? rows_max * s.D : 0);
+    std::vector<scalar_t> z(rows_max * ct_max);
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t k = task / tiles;
+      const int64_t c0 = (task % tiles) * kCpuClassTile;
+      const int64_t ct = std::min<int64_t>(kCpuClassTile, s.C - c0);
+      const scalar_t* tile = in.expert(k) + c0 * s.D;
+      scalar_t* out = dT + (k * s.C + c0) * s.D;  // rows c0 .. c0 + ct of dT_k
+      std::fill(out, out + ct * s.D, scalar_t(0));
+      for (int64_t b0 = 0; b0 < s.B; b0 += rows_max) {
+        const int64_t n = std::min(rows_max, s.B - b0);
+        const scalar_t* g = in.shifted_rows(k, b0, n, gbuf.data());
+        gemm<scalar_t>(false, true, n, ct, s.D, 1, g, s.D, tile, s.D, 0, z.data(), ct);
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t b = b0 + i;
+          const int64_t bk = b * s.K + k;
+          const acc_t a = in.weight(b, k);
+          scalar_t* dz = z.data() + i * ct;  // logits -> dz in place
+          const int64_t yi = in.y[b] - c0;
+          if (!entropy) {
+            scaled_exp_row(dz, ct, in.tau, lse[bk], grad * a);  // grad a p
+            if (yi >= 0 && yi < ct) dz[yi] -= grad * a;
+            continue;
+          }
+          scaled_exp_row(dz, ct, in.tau, lse[bk], scalar_t(1));
+          for (int64_t j = 0; j < ct; ++j) {
+            const acc_t p = dz[j];
+            const acc_t u = entropy_prob_grad<acc_t>(p, pbar_grad[k * s.C + c0 + j], in.inv_batch);
+            dz[j] = grad * logit_grad<acc_t>(a, p, j == yi, in.entropy_weight, u, r[bk]);
+          }
+        }
+        // out (ct x D) += tau dz^T (ct x n) g (n x D)
+        gemm<scalar_t>(true, false, ct, s.D, n, in.tau, z.data(), ct, g, s.D, 1, out, s.D);
+        if (in.margin != scalar_t(0)) {
+          // the path through the gathered T_k[y_b]: d/dT_k[y_b] of -margin tau T_k[y_b] . sum_c dz_bc T_c
+          const acc_t scale = in.margin * in.tau;
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t b = b0 + i;
+            const int64_t j = in.y[b] - c0;
+            if (j < 0 || j >= ct) continue;
+            const scalar_t* qb = q + (b * s.K + k) * s.D;
+            scalar_t* orow = out + j * s.D;
+            for (int64_t d = 0; d < s.D; ++d) orow[d] -= scale * qb[d];
+          }
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_expert_loss_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& f, const at::Tensor& T, const at::Tensor& y, const at::Tensor& w,
+    const at::Tensor& lse, const at::Tensor& ce, const at::Tensor& o, const at::Tensor& pbar, double temperature,
+    double margin, double entropy_weight, bool need_f, bool need_T, bool need_w) {
+  const Shapes s = check_inputs(f, T, y, w);
+  check_labels_cpu(y, s.C);
+  const bool entropy = entropy_weight != 0.0;
+  TORCH_CHECK(grad.numel() == 1 && grad.device().is_cpu(), "grad must hold one value on the CPU, got shape ",
+              grad.sizes());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({s.B, s.K}) && ce.sizes() == at::IntArrayRef({s.B, s.K}) &&
+                  lse.is_contiguous() && ce.is_contiguous() && lse.scalar_type() == f.scalar_type() &&
+                  ce.scalar_type() == f.scalar_type(),
+              "lse and ce must be contiguous (B, K) = (", s.B, ", ", s.K, ") tensors of f's dtype");
+  // q (and r) per row: for df, for the margin path of dT, and r for the entropy part of dT
+  const bool need_rows = need_f || (need_T && (margin != 0.0 || entropy));
+  // o from the forward (CE only) saves the backward a class sweep; empty: the backward sweeps
+  const bool have_o = !entropy && o.numel() > 0;
+  if (have_o) {
+    TORCH_CHECK(o.sizes() == at::IntArrayRef({s.B, s.K, s.D}) && o.is_contiguous() && o.scalar_type() == f.scalar_type(),
+                "o must be empty or the (B, K, D) softmax-weighted expert features of the forward pass, got shape ",
+                o.sizes());
+  }
+  if (entropy) {
+    TORCH_CHECK(pbar.sizes() == at::IntArrayRef({s.K, s.C}) && pbar.is_contiguous() &&
+                    pbar.scalar_type() == f.scalar_type(),
+                "pbar must have shape (K, C) = (", s.K, ", ", s.C, ") when entropy_weight != 0, got ", pbar.sizes());
+  }
+  const auto options = f.options();
+  at::Tensor df = need_f ? new_output({s.B, s.D}, options) : at::empty({0}, options);
+  at::Tensor dT = need_T ? new_output({s.K, s.C, s.D}, options) : at::empty({0}, options);
+  at::Tensor dw = need_w ? new_output(w.sizes(), options) : at::empty({0}, options);
+  AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "multi_expert_loss_backward_cpu", [&] {
+    using acc_t = scalar_t;
+    const scalar_t g = grad.to(f.scalar_type()).item<scalar_t>();
+    const auto in = raw_inputs<scalar_t>(f, T, y, w, s, temperature, margin, entropy_weight);
+    std::vector<scalar_t> pbar_grad;  // h'(pbar_kc), once per class
+    if (entropy && (need_rows || need_T)) {
+      const scalar_t* pb = pbar.data_ptr<scalar_t>();
+      pbar_grad.resize(s.K * s.C);
+      for (int64_t i = 0; i < s.K * s.C; ++i) pbar_grad[i] = entropy_term_grad<acc_t>(pb[i]);
+    }
+    std::vector<scalar_t> q, r;
+    if (need_rows) {
+      q.resize(s.B * s.K * s.D);
+      if (entropy && need_T) r.resize(s.B * s.K);
+      backward_rows<scalar_t>(in, g, lse.data_ptr<scalar_t>(), have_o ? o.data_ptr<scalar_t>() : nullptr,
+                              pbar_grad.data(), q.data(), r.empty() ? nullptr : r.data());
+    }
+    if (need_f) {
+      scalar_t* dfp = df.data_ptr<scalar_t>();
+      at::parallel_for(0, s.B, grain(s.B, s.B * s.K * s.D > (1 << 20) ? in.threads : 1), [&](int64_t lo, int64_t hi) {
+        for (int64_t b = lo; b < hi; ++b) {
+          scalar_t* out = dfp + b * s.D;
+          const scalar_t* qb = q.data() + b * s.K * s.D;
+          for (int64_t d = 0; d < s.D; ++d) out[d] = qb[d];
+          for (int64_t k = 1; k < s.K; ++k) {
+            for (int64_t d = 0; d < s.D; ++d) out[d] += qb[k * s.D + d];
+          }
+          for (int64_t d = 0; d < s.D; ++d) out[d] *= in.tau;
+        }
+      });
+    }
+    if (need_w) {
+      const scalar_t* cep = ce.data_ptr<scalar_t>();
+      scalar_t* dwp = dw.data_ptr<scalar_t>();
+      if (s.per_sample) {
+        for (int64_t i = 0; i < s.B * s.K; ++i) dwp[i] = g * cep[i] * in.inv_batch;
+      } else {
+        for (int64_t k = 0; k < s.K; ++k) {
+          acc_t sum = 0;
+          for (int64_t b = 0; b < s.B; ++b) sum += cep[b * s.K + k];
+          dwp[k] = g * sum * in.inv_batch;
+        }
+      }
+    }
+    if (need_T) {
+      backward_experts<scalar_t>(in, g, lse.data_ptr<scalar_t>(), pbar_grad.data(), q.empty() ? nullptr : q.data(),
+                                 r.empty() ? nullptr : r.data(), dT.data_ptr<scalar_t>());
+    }
+  });
+  return {df, dT, dw};
+}
+
+}  // namespace
+}  // namespace multi_expert_loss
+
+TORCH_LIBRARY_IMPL(guidg_fast, CPU, m) {
+  m.impl("multi_expert_loss_forward", &multi_expert_loss::multi_expert_loss_forward_cpu);
+  m.impl("multi_expert_loss_backward", &multi_expert_loss::multi_expert_loss_backward_cpu);
+}
+
+}  // namespace guidg_fast
