@@ -29,6 +29,12 @@ TORCH_LIBRARY(guidg_fast, m) {
   // --- multi_expert_loss ---
 
   // --- ensemble_logits ---
+  // out (B, C) = temperature * sum_k w_k f @ T_k^T; w (K,) batch or (B, K) per-sample weights.
+  m.def("ensemble_logits_forward(Tensor f, Tensor T, Tensor w, float temperature) -> Tensor");
+  // (grad_f, grad_T, grad_w); a gradient whose need_* flag is false comes back empty (shape (0,)).
+  m.def(
+      "ensemble_logits_backward(Tensor grad, Tensor f, Tensor T, Tensor w, float temperature, bool need_f, "
+      "bool need_T, bool need_w) -> (Tensor, Tensor, Tensor)");
 
   // --- prefix_attention ---
 
