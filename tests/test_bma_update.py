@@ -132,7 +132,7 @@ def test_bma_update_triton_one_launch_per_group(backend, monkeypatch):
 @pytest.mark.parametrize("backend", TRITON_ONLY)
 def test_bma_update_triton_views_of_one_buffer(backend):
     # parameters flattened into one buffer (e.g. FSDP-style): views at odd element offsets
-    flat_avg, flat_val = torch.randn(1 + 7 + 12 + 5), torch.randn(26)
+    flat_avg, flat_val = torch.randn(1 + 7 + 12 + 5 + 1), torch.randn(26)
     bounds = [(1, 8), (8, 20), (20, 25)]
     avg = [flat_avg[a:b] for a, b in bounds]
     val = [flat_val[a:b] for a, b in bounds]

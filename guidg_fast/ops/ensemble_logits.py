@@ -31,6 +31,21 @@ SPEC = _backend.register(
 )
 
 
+if _backend.load_extension() is not None and hasattr(torch.ops.guidg_fast, "ensemble_logits_forward"):
+
+    @torch.library.register_fake("guidg_fast::ensemble_logits_forward")
+    def _ext_forward_fake(f, T, w, temperature):
+        return f.new_empty((f.shape[0], T.shape[1]))
+
+    @torch.library.register_fake("guidg_fast::ensemble_logits_backward")
+    def _ext_backward_fake(grad, f, T, w, temperature, need_f, need_T, need_w):
+        return (
+            f.new_empty(f.shape if need_f else (0,)),
+            T.new_empty(T.shape if need_T else (0,)),
+            w.new_empty(w.shape if need_w else (0,)),
+        )
+
+
 def _triton_kernels():
     # imported on first use: TRITON_INTERPRET must be set before the kernels are decorated
     from ..kernels import ensemble_logits as kernels
