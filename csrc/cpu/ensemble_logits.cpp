@@ -15,11 +15,48 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 
 #include "ensemble_logits.h"
 
 namespace guidg_fast {
+
+// The mix loops stream memory; cloned per ISA (GCC function multi-versioning, chosen at load time)
+// so that they vectorise with AVX-512/AVX2 where the CPU has them, without -march flags.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define GF_ENSEMBLE_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define GF_ENSEMBLE_CPU_CLONES
+#endif
+
+// Rows [lo, hi) of a mix: out[r, :n] = scale * sum_k weights[r * weight_row + k] * values[r * value_row + k * value_k + :n]
+GF_ENSEMBLE_CPU_CLONES void ensemble_mix_rows_f32(float* out, int64_t out_row, const float* values, int64_t value_row,
+                                                  int64_t value_k, const float* weights, int64_t weight_row, int64_t K,
+                                                  float scale, int64_t n, int64_t lo, int64_t hi) {
+  for (int64_t r = lo; r < hi; ++r) {
+    ensemble_mix_row<float>(out + r * out_row, values + r * value_row, value_k, weights + r * weight_row, 1, K, scale, n);
+  }
+}
+
+GF_ENSEMBLE_CPU_CLONES void ensemble_mix_rows_f64(double* out, int64_t out_row, const double* values, int64_t value_row,
+                                                  int64_t value_k, const double* weights, int64_t weight_row, int64_t K,
+                                                  double scale, int64_t n, int64_t lo, int64_t hi) {
+  for (int64_t r = lo; r < hi; ++r) {
+    ensemble_mix_row<double>(out + r * out_row, values + r * value_row, value_k, weights + r * weight_row, 1, K, scale, n);
+  }
+}
+
 namespace {
+
+template <typename scalar_t>
+void mix_rows(scalar_t* out, int64_t out_row, const scalar_t* values, int64_t value_row, int64_t value_k,
+              const scalar_t* weights, int64_t weight_row, int64_t K, scalar_t scale, int64_t n, int64_t lo, int64_t hi) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    ensemble_mix_rows_f32(out, out_row, values, value_row, value_k, weights, weight_row, K, scale, n, lo, hi);
+  } else {
+    ensemble_mix_rows_f64(out, out_row, values, value_row, value_k, weights, weight_row, K, scale, n, lo, hi);
+  }
+}
 
 // GUIDG_FAST_POISON=1: outputs start as NaN, so an element a kernel forgets to write fails parity.
 at::Tensor ensemble_alloc(at::IntArrayRef shape, const at::Tensor& like) {
@@ -68,7 +105,7 @@ at::Tensor mixed_experts(const at::Tensor& T, const at::Tensor& w, double tau) {
     scalar_t* m = M.data_ptr<scalar_t>();
     const auto scale = static_cast<scalar_t>(tau);
     at::parallel_for(0, C, kEnsembleRowGrain, [&](int64_t lo, int64_t hi) {
-      for (int64_t c = lo; c < hi; ++c) ensemble_mix_row<scalar_t>(m + c * D, t + c * D, C * D, wp, 1, K, scale, D);
+      mix_rows<scalar_t>(m, D, t, D, C * D, wp, 0, K, scale, D, lo, hi);
     });
   });
   return M;
@@ -90,7 +127,7 @@ at::Tensor ensemble_logits_forward_cpu(const at::Tensor& f, const at::Tensor& T,
     scalar_t* o = out.data_ptr<scalar_t>();
     const auto scale = static_cast<scalar_t>(temperature);
     at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t b = lo; b < hi; ++b) ensemble_mix_row<scalar_t>(o + b * C, y + b * K * C, C, wp + b * K, 1, K, scale, C);
+      mix_rows<scalar_t>(o, C, y, K * C, C, wp, K, K, scale, C, lo, hi);
     });
   });
   return out;
@@ -160,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ensemble_logits_backward_cpu(
       const auto tau = static_cast<scalar_t>(temperature);
       at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
         for (int64_t b = lo; b < hi; ++b) {
-          if (need_f) ensemble_mix_row<scalar_t>(gf + b * D, h + b * D, B * D, wp + b * K, 1, K, tau, D);
+          if (need_f) mix_rows<scalar_t>(gf, D, h, D, B * D, wp, K, K, tau, D, b, b + 1);
           if (need_w) {
             for (int64_t k = 0; k < K; ++k) {
               gw[b * K + k] = tau * ensemble_dot<scalar_t, scalar_t>(fp + b * D, h + (k * B + b) * D, D);

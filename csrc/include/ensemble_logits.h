@@ -39,20 +39,30 @@ GF_HOST_DEVICE acc_t ensemble_mix(const scalar_t* values, int64_t value_stride, 
   return acc * scale;
 }
 
-// A whole row of a mix, expert by expert so that the inner loop streams contiguous memory (CPU);
-// element j gets exactly the operations of ensemble_mix.
+// A whole row of a mix (CPU): one pass over the row in chunks held in a small local buffer, the
+// experts streamed chunk by chunk, so each output element is written once and the inner loops
+// vectorise. Element j gets exactly the operations of ensemble_mix.
+constexpr int kEnsembleMixChunk = 64;
+
 template <typename scalar_t>
 GF_HOST_DEVICE void ensemble_mix_row(scalar_t* out, const scalar_t* values, int64_t value_stride,
                                      const scalar_t* weights, int64_t weight_stride, int64_t K, scalar_t scale,
                                      int64_t n) {
   const scalar_t w0 = weights[0];
-  for (int64_t j = 0; j < n; ++j) out[j] = ensemble_mix_first(w0, values[j]);
-  for (int64_t k = 1; k < K; ++k) {
-    const scalar_t wk = weights[k * weight_stride];
-    const scalar_t* v = values + k * value_stride;
-    for (int64_t j = 0; j < n; ++j) out[j] = ensemble_mix_next(out[j], wk, v[j]);
+  int64_t j0 = 0;
+  for (; j0 + kEnsembleMixChunk <= n; j0 += kEnsembleMixChunk) {
+    scalar_t acc[kEnsembleMixChunk];
+    for (int j = 0; j < kEnsembleMixChunk; ++j) acc[j] = ensemble_mix_first(w0, values[j0 + j]);
+    for (int64_t k = 1; k < K; ++k) {
+      const scalar_t wk = weights[k * weight_stride];
+      const scalar_t* v = values + k * value_stride + j0;
+      for (int j = 0; j < kEnsembleMixChunk; ++j) acc[j] = ensemble_mix_next(acc[j], wk, v[j]);
+    }
+    for (int j = 0; j < kEnsembleMixChunk; ++j) out[j0 + j] = acc[j] * scale;
   }
-  for (int64_t j = 0; j < n; ++j) out[j] = out[j] * scale;
+  for (; j0 < n; ++j0) {
+    out[j0] = ensemble_mix<scalar_t, scalar_t>(values + j0, value_stride, weights, weight_stride, K, scale);
+  }
 }
 
 // Dot product of two rows with four interleaved partial sums (fixed order: deterministic, and a

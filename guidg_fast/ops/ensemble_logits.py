@@ -53,14 +53,18 @@ def _triton_kernels():
     return kernels
 
 
-@torch.library.custom_op("guidg_fast::fused_ensemble_logits", mutates_args=())
-def _fused_ensemble_logits(f: torch.Tensor, T: torch.Tensor, w: torch.Tensor, temperature: float,
-                           backend: str) -> torch.Tensor:
+def _forward_kernel(f, T, w, temperature: float, backend: str) -> torch.Tensor:
     if backend == "triton":
         return _triton_kernels().ensemble_logits_forward(f, T, w, temperature)
     if backend == "ext":
         return torch.ops.guidg_fast.ensemble_logits_forward(f, T, w, temperature)
     raise ValueError(f"fused_ensemble_logits: backend must be 'triton' or 'ext', got {backend!r}")
+
+
+@torch.library.custom_op("guidg_fast::fused_ensemble_logits", mutates_args=())
+def _fused_ensemble_logits(f: torch.Tensor, T: torch.Tensor, w: torch.Tensor, temperature: float,
+                           backend: str) -> torch.Tensor:
+    return _forward_kernel(f, T, w, temperature, backend)
 
 
 @_fused_ensemble_logits.register_fake
@@ -151,5 +155,10 @@ def ensemble_logits(f, T, w, temperature) -> torch.Tensor:
     dtype = f.dtype
     compute = _compute_dtype(dtype, backend, f.device.type)
     f_, T_, w_ = (x.to(compute).contiguous() for x in (f, T, w))
-    out = torch.ops.guidg_fast.fused_ensemble_logits(f_, T_, w_, tau, backend)
+    differentiable = torch.is_grad_enabled() and (f.requires_grad or T.requires_grad or w.requires_grad)
+    if differentiable or torch.compiler.is_compiling():
+        out = torch.ops.guidg_fast.fused_ensemble_logits(f_, T_, w_, tau, backend)
+    else:
+        # inference: nothing to differentiate, so skip the custom-op / autograd layer (tens of us per call)
+        out = _forward_kernel(f_, T_, w_, tau, backend)
     return out.to(dtype)
