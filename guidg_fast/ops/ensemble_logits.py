@@ -17,6 +17,8 @@ op (no gradient), as in the official code where logit_scale is frozen.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .. import _checks, reference
@@ -115,10 +117,19 @@ def _backward(ctx, grad):
 _fused_ensemble_logits.register_autograd(_backward, setup_context=_setup_context)
 
 
+_CHOICES: dict = {}
+
+
 @torch.compiler.assume_constant_result
 def _choose(device_type: str) -> str:
-    # evaluated once at trace time under torch.compile (the choice reads the environment)
-    return _backend.choose("ensemble_logits", torch.device(device_type))
+    # Evaluated once at trace time under torch.compile. Eagerly, the choice is cached per state of
+    # everything it reads (forced backend, environment), which costs a few dict lookups per call.
+    key = (device_type, _backend._forced, os.environ.get("GUIDG_FAST_BACKEND"), os.environ.get("TRITON_INTERPRET"),
+           _backend._extension_loaded)
+    backend = _CHOICES.get(key)
+    if backend is None:
+        backend = _CHOICES[key] = _backend.choose("ensemble_logits", torch.device(device_type))
+    return backend
 
 
 def _check_weights(w, B: int, K: int, f: torch.Tensor) -> None:
@@ -154,11 +165,11 @@ def ensemble_logits(f, T, w, temperature) -> torch.Tensor:
         return reference.ensemble_logits(f, T, w, tau)
     dtype = f.dtype
     compute = _compute_dtype(dtype, backend, f.device.type)
-    f_, T_, w_ = (x.to(compute).contiguous() for x in (f, T, w))
+    f_, T_, w_ = ((x if x.dtype == compute else x.to(compute)).contiguous() for x in (f, T, w))
     differentiable = torch.is_grad_enabled() and (f.requires_grad or T.requires_grad or w.requires_grad)
     if differentiable or torch.compiler.is_compiling():
         out = torch.ops.guidg_fast.fused_ensemble_logits(f_, T_, w_, tau, backend)
     else:
         # inference: nothing to differentiate, so skip the custom-op / autograd layer (tens of us per call)
         out = _forward_kernel(f_, T_, w_, tau, backend)
-    return out.to(dtype)
+    return out if out.dtype == dtype else out.to(dtype)
