@@ -16,7 +16,7 @@ from conftest import assert_close
 TAU = 100.0
 
 # (B, K, C, D): a real shape, odd shapes (B=1, K=1, C=1, odd D), and C=1000 for the C++ kernels
-EXT_SHAPES = [(36, 3, 65, 512), (1, 1, 1, 17), (5, 3, 7, 33), (3, 2, 1000, 31), (36, 3, 1000, 512)]
+EXT_SHAPES = [(36, 3, 65, 512), (1, 1, 1, 17), (5, 3, 7, 33), (3, 2, 1000, 31), (36, 3, 1000, 512), (97, 2, 11, 40)]
 # the Triton interpreter is slow: small shapes, still crossing every tile edge (B > 16, C > 32, D > 64)
 TRITON_SHAPES = [(1, 1, 1, 17), (5, 3, 7, 33), (20, 2, 40, 70)]
 
@@ -63,6 +63,16 @@ def poison(monkeypatch):
 def test_ensemble_logits_matches_reference(backend, per_sample, poison):
     for shape in _shapes(backend):
         _check(backend, *_inputs(*shape, per_sample))
+
+
+def test_ensemble_logits_ext_mix_then_gemm_path(poison, monkeypatch):
+    # float32 batch weights take a fused AVX-512 tile path where the CPU has it; check the portable
+    # path (mix, then one GEMM) too
+    if "ext" not in _backend.available("ensemble_logits", "cpu"):
+        pytest.skip("guidg_fast._C not built")
+    monkeypatch.setenv("GUIDG_FAST_CPU_AVX512", "0")
+    for shape in EXT_SHAPES:
+        _check("ext", *_inputs(*shape, per_sample=False))
 
 
 @pytest.mark.parametrize("backend", cpu_backends("ensemble_logits"))

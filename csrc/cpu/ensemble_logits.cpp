@@ -1,7 +1,8 @@
 // CPU launcher for ensemble_logits: out (B, C) = tau * sum_k w_k f @ T_k^T.
 //
-// Batch weights w (K,): one parallel pass mixes the experts, M = tau * sum_k w_k T_k (C, D), then a
-// single GEMM f @ M^T replaces the K products of the official code. Per-sample weights w (B, K):
+// Batch weights w (K,): the experts are mixed once, M = tau * sum_k w_k T_k (C, D), and a single
+// product f @ M^T replaces the K products of the official code. float32 on AVX-512 CPUs: one fused
+// pass, tile by tile (M stays in L1); otherwise one parallel mixing pass, then one GEMM. Per-sample weights w (B, K):
 // one GEMM against all experts at once, Y = f @ [T_1; ...; T_K]^T (B, K*C), then one parallel pass
 // mixes Y over k. Backward uses the same mix / dot / scale passes around GEMMs (see the header);
 // grad_w never builds a (B, K, C) tensor.
@@ -16,8 +17,15 @@
 #include <limits>
 #include <tuple>
 #include <type_traits>
+#include <vector>
+#include <algorithm>
 
 #include "ensemble_logits.h"
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define GF_ENSEMBLE_AVX512_TILES 1
+#endif
 
 namespace guidg_fast {
 
@@ -46,7 +54,48 @@ GF_ENSEMBLE_CPU_CLONES void ensemble_mix_rows_f64(double* out, int64_t out_row, 
   }
 }
 
+#ifdef GF_ENSEMBLE_AVX512_TILES
+// Fused forward for batch weights, float32 on AVX-512 CPUs: the experts are mixed for a tile of
+// kEnsembleTileRows classes into a small buffer that stays in L1 (M = tau * sum_k w_k T_k never goes
+// to memory), and the tile is immediately multiplied with f, held transposed in panels of
+// kEnsemblePanel samples: acc[i, b] += M[i, d] * f^T[d, b].
+constexpr int kEnsembleTileRows = 4;
+constexpr int kEnsemblePanel = 48;  // three 16-lane vectors
+
+__attribute__((target("avx512f"))) void ensemble_tile_avx512(const float* mixed, int64_t D, const float* panel,
+                                                              float* acc) {
+  __m512 a[kEnsembleTileRows][3];
+  for (int i = 0; i < kEnsembleTileRows; ++i) {
+    for (int v = 0; v < 3; ++v) a[i][v] = _mm512_setzero_ps();
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    const float* p = panel + d * kEnsemblePanel;
+    const __m512 p0 = _mm512_loadu_ps(p), p1 = _mm512_loadu_ps(p + 16), p2 = _mm512_loadu_ps(p + 32);
+    for (int i = 0; i < kEnsembleTileRows; ++i) {
+      const __m512 m = _mm512_set1_ps(mixed[i * D + d]);
+      a[i][0] = _mm512_fmadd_ps(m, p0, a[i][0]);
+      a[i][1] = _mm512_fmadd_ps(m, p1, a[i][1]);
+      a[i][2] = _mm512_fmadd_ps(m, p2, a[i][2]);
+    }
+  }
+  for (int i = 0; i < kEnsembleTileRows; ++i) {
+    for (int v = 0; v < 3; ++v) _mm512_storeu_ps(acc + i * kEnsemblePanel + 16 * v, a[i][v]);
+  }
+}
+#endif
+
 namespace {
+
+// GUIDG_FAST_CPU_AVX512=0 turns the AVX-512 tile path off (tests run both paths on such CPUs).
+bool ensemble_avx512_tiles_enabled() {
+#ifdef GF_ENSEMBLE_AVX512_TILES
+  static const bool supported = __builtin_cpu_supports("avx512f");
+  const char* flag = std::getenv("GUIDG_FAST_CPU_AVX512");
+  return supported && !(flag != nullptr && std::strcmp(flag, "0") == 0);
+#else
+  return false;
+#endif
+}
 
 template <typename scalar_t>
 void mix_rows(scalar_t* out, int64_t out_row, const scalar_t* values, int64_t value_row, int64_t value_k,
@@ -111,12 +160,58 @@ at::Tensor mixed_experts(const at::Tensor& T, const at::Tensor& w, double tau) {
   return M;
 }
 
+#ifdef GF_ENSEMBLE_AVX512_TILES
+void ensemble_forward_tiles_avx512(at::Tensor& out, const at::Tensor& f, const at::Tensor& T, const at::Tensor& w,
+                                   double temperature) {
+  const int64_t B = f.size(0), D = f.size(1), K = T.size(0), C = T.size(1);
+  const int64_t n_panels = (B + kEnsemblePanel - 1) / kEnsemblePanel;
+  // f^T in zero-padded panels (n_panels, D, kEnsemblePanel): B * D values, negligible next to T
+  auto panels = at::zeros({n_panels, D, kEnsemblePanel}, f.options());
+  {
+    const float* fp = f.data_ptr<float>();
+    float* pp = panels.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) {
+      float* dst = pp + (b / kEnsemblePanel) * D * kEnsemblePanel + b % kEnsemblePanel;
+      for (int64_t d = 0; d < D; ++d) dst[d * kEnsemblePanel] = fp[b * D + d];
+    }
+  }
+  const float* t = T.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* pp = panels.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const auto scale = static_cast<float>(temperature);
+  const int64_t n_tiles = (C + kEnsembleTileRows - 1) / kEnsembleTileRows;
+  at::parallel_for(0, n_tiles, kEnsembleRowGrain, [&](int64_t lo, int64_t hi) {
+    std::vector<float> mixed(kEnsembleTileRows * D, 0.f);
+    alignas(64) float acc[kEnsembleTileRows * kEnsemblePanel];
+    for (int64_t tile = lo; tile < hi; ++tile) {
+      const int64_t c0 = tile * kEnsembleTileRows, rows = std::min<int64_t>(kEnsembleTileRows, C - c0);
+      ensemble_mix_rows_f32(mixed.data(), D, t + c0 * D, D, C * D, wp, 0, K, scale, D, 0, rows);
+      std::fill(mixed.begin() + rows * D, mixed.end(), 0.f);  // a partial last tile multiplies zeros
+      for (int64_t p = 0; p < n_panels; ++p) {
+        ensemble_tile_avx512(mixed.data(), D, pp + p * D * kEnsemblePanel, acc);
+        const int64_t cols = std::min<int64_t>(kEnsemblePanel, B - p * kEnsemblePanel);
+        for (int64_t i = 0; i < rows; ++i) {
+          for (int64_t j = 0; j < cols; ++j) o[(p * kEnsemblePanel + j) * C + c0 + i] = acc[i * kEnsemblePanel + j];
+        }
+      }
+    }
+  });
+}
+#endif
+
 at::Tensor ensemble_logits_forward_cpu(const at::Tensor& f, const at::Tensor& T, const at::Tensor& w,
                                        double temperature) {
   ensemble_check_cpu(f, T, w);
   const int64_t B = f.size(0), D = f.size(1), K = T.size(0), C = T.size(1);
   auto out = ensemble_alloc({B, C}, f);
   if (w.dim() == 1) {
+#ifdef GF_ENSEMBLE_AVX512_TILES
+    if (f.scalar_type() == at::kFloat && ensemble_avx512_tiles_enabled()) {
+      ensemble_forward_tiles_avx512(out, f, T, w, temperature);
+      return out;
+    }
+#endif
     at::mm_out(out, f, mixed_experts(T, w, temperature).t());
     return out;
   }
