@@ -4,7 +4,9 @@ w is (K,) batch weights (the official inference: w = mean_b CMAttn(f, T)) or (B,
 weights. The official code runs K products, stacks them into (B, K, C) and mixes with einsum. The
 fused backends instead:
   batch weights   mix the experts once, M = tau * sum_k w_k T_k, then ONE (B, D) x (D, C) product
-                  (Triton: M is built tile by tile in registers inside the GEMM kernel);
+                  (Triton: M is built tile by tile in registers inside the GEMM kernel; C++ CPU,
+                  float32 on AVX-512: the same fused tile pass, M never leaves L1; otherwise a
+                  mixing pass, then one GEMM);
   per-sample      one product against all experts (reduction over k and d) and the mix over k,
                   without storing (B, K, C) (Triton: fully fused; C++/CUDA: one GEMM + one mix pass).
 Backward (fused too): grad_T[k] = w_k * tau * g^T f, grad_f = tau * g @ M (batch) or
