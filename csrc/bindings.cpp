@@ -44,6 +44,12 @@ TORCH_LIBRARY(guidg_fast, m) {
         "bool need_w) -> (Tensor, Tensor, Tensor)");
 
   // --- ensemble_logits ---
+  // out (B, C) = temperature * sum_k w_k f @ T_k^T; w (K,) batch or (B, K) per-sample weights.
+  m.def("ensemble_logits_forward(Tensor f, Tensor T, Tensor w, float temperature) -> Tensor");
+  // (grad_f, grad_T, grad_w); a gradient whose need_* flag is false comes back empty (shape (0,)).
+  m.def(
+      "ensemble_logits_backward(Tensor grad, Tensor f, Tensor T, Tensor w, float temperature, bool need_f, "
+      "bool need_T, bool need_w) -> (Tensor, Tensor, Tensor)");
 
   // --- prefix_attention ---
   // Causal attention of M suffixes per expert over the expert's shared prefix (flash style).

@@ -99,3 +99,95 @@ def test_bma_update_cuda_matches_reference():
         ops.bma_update_(avg, val, 0.7)
         for a, e in zip(avg, expected):
             assert_close(a.float(), e.float(), tol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+TRITON_ONLY = [p for p in cpu_backends("bma_update_") if p.id == "triton"]
+
+
+@pytest.mark.parametrize("backend", TRITON_ONLY)
+def test_bma_update_triton_one_launch_per_group(backend, monkeypatch):
+    from guidg_fast.kernels import bma_update as kernels
+
+    launches = []
+    real = kernels._bma_update_forward_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(kernels, "_bma_update_forward_kernel", Counting())
+    avg = [torch.randn(70000), torch.randn(3), torch.randn(5, dtype=torch.float64), torch.randn(2, 2)]
+    val = [torch.randn_like(a) for a in avg]
+    expected = [a.clone() for a in avg]
+    reference.bma_update_(expected, val, 0.2)
+    with ops.use_backend(backend):
+        ops.bma_update_(avg, val, 0.2)
+    # two (device, dtype) groups -> two launches; the float32 group covers 2 + 1 + 1 chunks
+    assert sorted(g[0] for g in launches) == [1, 4]
+    for i, (a, e) in enumerate(zip(avg, expected)):
+        assert_close(a, e, f"tensor {i}")
+
+
+@pytest.mark.parametrize("backend", TRITON_ONLY)
+def test_bma_update_triton_views_of_one_buffer(backend):
+    # parameters flattened into one buffer (e.g. FSDP-style): views at odd element offsets
+    flat_avg, flat_val = torch.randn(1 + 7 + 12 + 5 + 1), torch.randn(26)
+    bounds = [(1, 8), (8, 20), (20, 25)]
+    avg = [flat_avg[a:b] for a, b in bounds]
+    val = [flat_val[a:b] for a, b in bounds]
+    expected = flat_avg.clone()
+    reference.bma_update_([expected[a:b] for a, b in bounds], val, 3.0)
+    with ops.use_backend(backend):
+        ops.bma_update_(avg, val, 3.0)
+        ops.bma_update_(avg, val, 3.0)  # second call reuses the cached address table
+    reference.bma_update_([expected[a:b] for a, b in bounds], val, 3.0)
+    assert flat_avg[0] == expected[0] and flat_avg[25] == expected[25]  # neighbours untouched
+    assert_close(flat_avg, expected, "flat buffer")
+
+
+def test_bma_update_triton_kernel_compiles_for_gpu():
+    """The interpreter does not lower kernels; compile this one for an H100 (sm_90) without a GPU."""
+    triton = pytest.importorskip("triton")
+    tl = pytest.importorskip("triton.language")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        pytest.skip("this Triton cannot compile ahead of time")
+    from guidg_fast.kernels import bma_update as kernels
+
+    fn = JITFunction(kernels._bma_update_forward_kernel.fn)
+    for dtype, acc in ((tl.float32, tl.float32), (tl.bfloat16, tl.float32), (tl.float64, tl.float64)):
+        constexprs = {"DTYPE": dtype, "ACC": acc, "ACC_IS_FP32": acc == tl.float32, "CHUNK": kernels._CHUNK,
+                      "BLOCK": kernels._BLOCK}
+        signature = {"tensor_table_ptr": "*i64", "chunk_table_ptr": "*i64",
+                     "weights_ptr": "*fp32" if acc == tl.float32 else "*fp64", "n_tensors": "i32", "n_chunks": "i32",
+                     **{n: "constexpr" for n in constexprs}}
+        try:
+            compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                      target=GPUTarget("cuda", 90, 32),
+                                      options={"num_warps": kernels._NUM_WARPS, "enable_fp_fusion": False})
+        except Exception as exc:  # a Triton build without the NVIDIA backend / ptxas
+            if "ptxas" in str(exc) or "backend" in str(exc).lower():
+                pytest.skip(f"no NVIDIA compiler here: {exc}")
+            raise
+        ptx = compiled.asm["ptx"]
+        if acc == tl.float32:
+            assert "div.rn.f32" in ptx  # correctly rounded, like the reference
+        assert "fma.rn" not in ptx  # product and sum rounded separately, like the reference
+
+
+@cuda_only
+def test_bma_update_triton_cuda_matches_reference():
+    if "triton" not in _backend.available("bma_update_", "cuda"):
+        pytest.skip("triton cannot run on CUDA here")
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        avg, val = _pairs(dtype, "cuda")
+        expected = [a.clone() for a in avg]
+        reference.bma_update_(expected, val, 0.7)
+        with ops.use_backend("triton"):
+            ops.bma_update_(avg, val, 0.7)
+        for a, e in zip(avg, expected):
+            assert_close(a.float(), e.float(), tol=1e-5 if dtype != torch.bfloat16 else 1e-2)

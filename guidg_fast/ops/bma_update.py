@@ -2,7 +2,8 @@
 averaged[i] <- (averaged[i] + r * tensors[i]) / (1 + r).
 
 Tensors are grouped by (device, dtype); each group is one kernel call (one multi-tensor launch on
-CUDA, one parallel_for on CPU).
+CUDA, one parallel_for on CPU). The Triton backend (kernels/bma_update.py) is one launch per group
+too: it walks a table of tensor addresses and chunks (CUDA, or CPU under TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
@@ -14,7 +15,20 @@ import torch
 from .. import _checks, reference
 from . import _backend
 
-SPEC = _backend.register(_backend.OpSpec("bma_update_", ext_ops=("bma_update_",)))
+SPEC = _backend.register(_backend.OpSpec("bma_update_", ext_ops=("bma_update_",), triton=True))
+
+
+@torch.library.custom_op("guidg_fast::fused_bma_update_", mutates_args=("averaged_tensors",))
+def _fused_bma_update_(averaged_tensors: list[torch.Tensor], tensors: list[torch.Tensor], relative_weight: float) -> None:
+    # imported on first use: TRITON_INTERPRET must be set before the kernel is decorated
+    from ..kernels.bma_update import bma_update_forward
+
+    bma_update_forward(averaged_tensors, tensors, relative_weight)
+
+
+@_fused_bma_update_.register_fake
+def _fused_bma_update_fake(averaged_tensors, tensors, relative_weight):
+    return None
 
 if _backend.load_extension() is not None:
 
@@ -43,7 +57,9 @@ def bma_update_(averaged_tensors: Sequence[torch.Tensor], tensors: Sequence[torc
             # the kernels need dense memory; a strided view (rare for parameters) takes the eager path
             dense = [i for i, (a, v) in enumerate(zip(avgs, vals)) if a.is_contiguous() and v.is_contiguous()]
             strided = [i for i in range(len(avgs)) if i not in set(dense)]
-            if dense:
+            if dense and backend == "triton":
+                torch.ops.guidg_fast.fused_bma_update_([avgs[i] for i in dense], [vals[i] for i in dense], r)
+            elif dense:
                 torch.ops.guidg_fast.bma_update_([avgs[i] for i in dense], [vals[i] for i in dense], r)
             if strided:
                 reference.bma_update_([avgs[i] for i in strided], [vals[i] for i in strided], r)
