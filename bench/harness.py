@@ -142,7 +142,12 @@ def peak_memory_child(entry_name: str, case: dict, provider: str, device: str) -
 
 
 def peak_memory(entry_name: str, case: dict, provider: str, device: str) -> int | None:
-    """Runs ``peak_memory_child`` in a fresh interpreter so earlier allocations do not hide the peak."""
+    """Runs ``peak_memory_child`` in a fresh interpreter so earlier allocations do not hide the peak
+    (on CUDA the caching allocator's own peak counter is exact, so it runs in this process)."""
+    if device.startswith("cuda"):
+        gc.collect()
+        torch.cuda.empty_cache()
+        return peak_memory_child(entry_name, case, provider, device)
     code = (
         f"import json,sys; from {_PACKAGE}.harness import peak_memory_child; "
         "a=json.loads(sys.argv[1]); print(peak_memory_child(a['e'], a['c'], a['p'], a['d']))"
@@ -161,7 +166,7 @@ def peak_memory(entry_name: str, case: dict, provider: str, device: str) -> int 
 
 def machine_rates(device: str, quick: bool) -> dict:
     """The machine's own fp32 GEMM rate (GFLOP/s) and copy bandwidth (GB/s), measured now."""
-    n = 1024 if quick else 2048
+    n = (1024 if quick else 2048) * (4 if device.startswith("cuda") else 1)
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     gemm = time_fn(lambda: a @ b, device, warmup=2, repeats=5 if quick else 10)
@@ -183,7 +188,10 @@ def run_entry(entry: Entry, device: str, quick: bool, measure_memory: bool = Tru
         for provider in PROVIDERS:
             fn = entry.make(case, provider, device)
             outputs[provider] = fn()
-            timing = time_fn(fn, device, warmup=1, repeats=entry.quick_repeats if quick else entry.repeats)
+            repeats = entry.quick_repeats if quick else entry.repeats
+            if device.startswith("cuda"):  # GPU calls take milliseconds: more repeats, steadier medians
+                repeats = max(repeats, 10 if quick else 30)
+            timing = time_fn(fn, device, warmup=2 if device.startswith("cuda") else 1, repeats=repeats)
             row[provider] = timing
             del fn
             gc.collect()

@@ -43,6 +43,21 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _write_json(path: str, args, rates: dict, rows: list, complete: bool) -> dict:
+    result = {
+        "machine": machine_info(args.device),
+        "rates": rates,
+        "quick": args.quick,
+        "complete": complete,
+        "rows": [{**r, "reference": {k: v for k, v in r["reference"].items() if k != "times_ms"},
+                  "fast": {k: v for k, v in r["fast"].items() if k != "times_ms"}} for r in rows],
+    }
+    with open(path + ".tmp", "w") as fh:
+        json.dump(result, fh, indent=2)
+    os.replace(path + ".tmp", path)
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small cases and few repeats (CI smoke run)")
@@ -59,23 +74,15 @@ def main(argv=None) -> int:
         parser.error(f"unknown entries {unknown}; known: {entry_names()}")
     rates = machine_rates(args.device, args.quick)
     print(f"machine: fp32 GEMM {rates['gemm_gflops']:.1f} GFLOP/s, copy {rates['copy_gbps']:.1f} GB/s")
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"bench-{args.device}-{stamp}.json")
     rows = []
     for name in names:
         print(f"[{name}]")
         rows += run_entry(load_entry(name), args.device, args.quick, measure_memory=not args.no_memory)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"bench-{args.device}-{stamp}.json")
-    result = {
-        "machine": machine_info(args.device),
-        "rates": rates,
-        "quick": args.quick,
-        "rows": [{**r, "reference": {k: v for k, v in r["reference"].items() if k != "times_ms"},
-                  "fast": {k: v for k, v in r["fast"].items() if k != "times_ms"}} for r in rows],
-    }
-    with open(path + ".tmp", "w") as fh:
-        json.dump(result, fh, indent=2)
-    os.replace(path + ".tmp", path)
+        # rewritten after every entry: a run that is stopped part-way keeps what it measured
+        result = _write_json(path, args, rates, rows, complete=name == names[-1])
     table = markdown_table(rows)
     with open(os.path.splitext(path)[0] + ".md", "w") as fh:
         fh.write(table + "\n")

@@ -342,13 +342,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-sources", action="store_true", help="also evaluate the sources' step-2 images")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("bench", help="benchmarks fast vs eager reference (see `guidg-fast bench -- --help`)",
+    p = sub.add_parser("bench", help="benchmarks fast vs eager reference (see `guidg-fast bench --help`)",
                        add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the benchmark runner")
     p.set_defaults(func=cmd_bench)
     return parser
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        # everything after `bench` (also --help and other leading options) belongs to the bench runner
+        return int(cmd_bench(argparse.Namespace(bench_args=argv[1:])) or 0)
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -10,8 +10,10 @@ One launch per direction for all heads and experts:
   backward: a program per (head, D-block) walks the whole batch, recomputing the scores of each
             batch block (they need the full D) and writing its slice of dq and dkey; dkey sums over
             the batch inside one program, so there are no atomics and the result is deterministic.
-Scores use broadcast products rather than tl.dot: K is tiny (one expert per source domain), so a
-16-wide padded dot would waste most of its work, and fp32 stays exact (no tf32).
+Scores use row products rather than tl.dot: K is tiny (one expert per source domain), so a
+16-wide padded dot would waste most of its work, and fp32 stays exact (no tf32). Experts are walked
+one at a time with 2-D tiles only: a 3-D broadcast-and-reduce version passed in the interpreter
+but doubled dq on an H200 (triton 3.6) once the batch block reached 16 rows.
 """
 from __future__ import annotations
 
@@ -23,7 +25,6 @@ import triton
 import triton.language as tl
 
 COSINE_EPS = 1e-8  # torch.nn.functional.cosine_similarity's default
-_TILE = 8192  # elements of the (BLOCK_B, BLOCK_K, BLOCK_D) product tile
 
 
 @triton.jit
@@ -36,23 +37,27 @@ def _sqrt(x, ACC: tl.constexpr):
 
 
 @triton.jit
-def _row_scores(q_ptr, key_ptr, h, rb, mask_b, rk, mask_k, rd, H, D,
-                COSINE: tl.constexpr, SQRT_D: tl.constexpr, EPS: tl.constexpr, BLOCK_D: tl.constexpr,
-                ACC: tl.constexpr):
-    """Scores (BLOCK_B, BLOCK_K) of head h, with the dots, ||q|| and ||key|| they came from."""
-    dot = tl.zeros((rb.shape[0], rk.shape[0]), dtype=ACC)
-    q_sq = tl.zeros((rb.shape[0],), dtype=ACC)
-    k_sq = tl.zeros((rk.shape[0],), dtype=ACC)
+def _row_scores(q_ptr, key_ptr, h, rb, mask_b, rk, rd, K, H, D,
+                COSINE: tl.constexpr, SQRT_D: tl.constexpr, EPS: tl.constexpr, BLOCK_B: tl.constexpr,
+                BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """Scores (BLOCK_B, BLOCK_K) of head h, with the dots, ||q|| and ||key|| they came from.
+
+    Only 2-D tiles: the experts are walked one by one (K is tiny) and each expert's dot column is
+    placed with a select, so no 3-D broadcast-and-reduce is left for the compiler to lay out.
+    """
+    dot = tl.zeros((BLOCK_B, BLOCK_K), dtype=ACC)
+    q_sq = tl.zeros((BLOCK_B,), dtype=ACC)
+    k_sq = tl.zeros((BLOCK_K,), dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + rd
         mask_d = cols < D
         q = tl.load(q_ptr + (rb[:, None] * H + h) * D + cols[None, :],
                     mask=mask_b[:, None] & mask_d[None, :], other=0.0).to(ACC)
-        key = tl.load(key_ptr + (rk[:, None] * H + h) * D + cols[None, :],
-                      mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(ACC)
-        dot += tl.sum(q[:, None, :] * key[None, :, :], axis=2)
         q_sq += tl.sum(q * q, axis=1)
-        k_sq += tl.sum(key * key, axis=1)
+        for k in tl.static_range(BLOCK_K):
+            key_k = tl.load(key_ptr + (k * H + h) * D + cols, mask=mask_d & (k < K), other=0.0).to(ACC)
+            dot += tl.where(rk[None, :] == k, tl.sum(q * key_k[None, :], axis=1)[:, None], 0.0)
+            k_sq += tl.where(rk == k, tl.sum(key_k * key_k, axis=0), 0.0)
     q_norm = _sqrt(q_sq, ACC)
     k_norm = _sqrt(k_sq, ACC)
     if COSINE:
@@ -81,8 +86,8 @@ def _cmattn_forward_kernel(q_ptr, key_ptr, out_ptr, B, K, H, D,
     mask_k = rk < K
     acc = tl.zeros((BLOCK_B, BLOCK_K), dtype=ACC)
     for h in range(0, H):
-        s, dot, q_norm, k_norm = _row_scores(q_ptr, key_ptr, h, rb, mask_b, rk, mask_k, rd, H, D,
-                                             COSINE, SQRT_D, EPS, BLOCK_D, ACC)
+        s, dot, q_norm, k_norm = _row_scores(q_ptr, key_ptr, h, rb, mask_b, rk, rd, K, H, D,
+                                             COSINE, SQRT_D, EPS, BLOCK_B, BLOCK_K, BLOCK_D, ACC)
         acc += _softmax_experts(s, mask_k)
     out = acc / H
     tl.store(out_ptr + rb[:, None] * K + rk[None, :], out.to(out_ptr.dtype.element_ty),
@@ -107,8 +112,8 @@ def _cmattn_backward_kernel(grad_ptr, q_ptr, key_ptr, dq_ptr, dkey_ptr, B, K, H,
     for b0 in range(0, B, BLOCK_B):
         rb = b0 + tl.arange(0, BLOCK_B)
         mask_b = rb < B
-        s, dot, q_norm, k_norm = _row_scores(q_ptr, key_ptr, h, rb, mask_b, rk, mask_k, rd, H, D,
-                                             COSINE, SQRT_D, EPS, BLOCK_D, ACC)
+        s, dot, q_norm, k_norm = _row_scores(q_ptr, key_ptr, h, rb, mask_b, rk, rd, K, H, D,
+                                             COSINE, SQRT_D, EPS, BLOCK_B, BLOCK_K, BLOCK_D, ACC)
         a = _softmax_experts(s, mask_k)
         g = tl.load(grad_ptr + rb[:, None] * K + rk[None, :], mask=mask_b[:, None] & mask_k[None, :],
                     other=0.0).to(ACC) / H
@@ -122,13 +127,19 @@ def _cmattn_backward_kernel(grad_ptr, q_ptr, key_ptr, dq_ptr, dkey_ptr, B, K, H,
             inv_nq = tl.where(q_norm == 0.0, 0.0, 1.0 / tl.where(q_norm == 0.0, 1.0, q_norm))
             q_weight = -tl.sum(ds * dot / mk[None, :], axis=1) / (mq * mq) * inv_nq
             key_term += tl.sum(ds * dot / mq[:, None], axis=0)
-            dq = tl.sum(coef[:, :, None] * key_chunk[None, :, :], axis=1) + q_weight[:, None] * q_chunk
+            dq = q_weight[:, None] * q_chunk
         else:
             coef = ds / SQRT_D
-            dq = tl.sum(coef[:, :, None] * key_chunk[None, :, :], axis=1)
+            dq = tl.zeros((BLOCK_B, BLOCK_D), dtype=ACC)
+        # dq += coef @ key, dkey += coef^T @ q, one expert at a time (2-D tiles only)
+        for k in tl.static_range(BLOCK_K):
+            sel = rk == k
+            coef_k = tl.sum(tl.where(sel[None, :], coef, 0.0), axis=1)
+            key_k = tl.sum(tl.where(sel[:, None], key_chunk, 0.0), axis=0)
+            dq += coef_k[:, None] * key_k[None, :]
+            dkey += tl.where(sel[:, None], tl.sum(coef_k[:, None] * q_chunk, axis=0)[None, :], 0.0)
         tl.store(dq_ptr + (rb[:, None] * H + h) * D + cols[None, :], dq.to(dq_ptr.dtype.element_ty),
                  mask=mask_b[:, None] & mask_d[None, :])
-        dkey += tl.sum(coef[:, :, None] * q_chunk[:, None, :], axis=0)
     if COSINE:
         mk = tl.maximum(k_norm, EPS)
         inv_nk = tl.where(k_norm == 0.0, 0.0, 1.0 / tl.where(k_norm == 0.0, 1.0, k_norm))
@@ -138,10 +149,10 @@ def _cmattn_backward_kernel(grad_ptr, q_ptr, key_ptr, dq_ptr, dkey_ptr, B, K, H,
 
 
 def _blocks(B: int, K: int, D: int) -> tuple[int, int, int]:
-    """One pinned config: BLOCK_K covers every expert, BLOCK_D <= 128, the 3-D tile <= _TILE."""
+    """One pinned config: BLOCK_K covers every expert, BLOCK_D <= 128, BLOCK_B <= 16 rows."""
     block_k = max(2, triton.next_power_of_2(K))
     block_d = max(16, min(128, triton.next_power_of_2(D)))
-    block_b = max(1, min(16, triton.next_power_of_2(B), _TILE // (block_k * block_d)))
+    block_b = max(1, min(16, triton.next_power_of_2(B)))
     return block_b, block_k, block_d
 
 

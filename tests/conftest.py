@@ -19,12 +19,12 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-6) -
     return float((actual - expected).abs().max() / scale)
 
 
-def assert_close(actual, expected, name="output", tol=1e-5):
+def assert_close(actual, expected, name="output", tol=1e-5, floor=1e-6):
     """Relative-error check that names the first mismatching index when it fails."""
     assert actual is not None, f"{name}: got None"
     assert tuple(actual.shape) == tuple(expected.shape), f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert torch.isfinite(actual).all(), f"{name}: non-finite values (unwritten/poisoned output?)"
-    err = rel_err(actual, expected)
+    err = rel_err(actual, expected, floor)
     if not err < tol:
         diff = (actual.detach().double() - expected.detach().double()).abs()
         idx = torch.nonzero(diff == diff.max())[0].tolist()

@@ -57,7 +57,11 @@ def _check_against_reference(backend, shape, per_sample, margin, ew, tau=20.0, d
     assert_close(loss, ref_loss, f"loss, {where}")
     names = [n for n, x in zip("fTw", (f, T, w)) if x.requires_grad]
     for name, got, want in zip(names, grads, ref_grads):
-        assert_close(got, want, f"grad {name}, {where}")
+        # C = 1: softmax over one class is 1, so the f and T gradients are exactly 0 and only the
+        # rounding of z - lse is left (z recomputed in another order on a GPU); measure that noise
+        # against the scale these gradients have for C > 1, tau * max|w| (|f| = |T| = 1)
+        floor = tau * float(w.detach().abs().max()) if shape[2] == 1 and name in "fT" else 1e-6
+        assert_close(got, want, f"grad {name}, {where}", floor=floor)
 
 
 @pytest.mark.parametrize("margin,ew", CONFIGS, ids=[f"m{m}-e{e}" for m, e in CONFIGS])

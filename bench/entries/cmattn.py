@@ -7,7 +7,7 @@ gradients are those of the module's parameters: wv, bv, wt, bt.
 import torch
 import torch.nn.functional as F
 
-from bench.harness import Entry
+from ..harness import Entry
 from guidg_fast import ops, reference
 
 B, K, H, D = 36, 3, 4, 512

@@ -7,7 +7,7 @@ and a forward + backward training-style call (gradients to f and w, T frozen as 
 import torch
 import torch.nn.functional as F
 
-from bench.harness import Entry
+from ..harness import Entry
 from guidg_fast import ops, reference
 
 TAU = 100.0

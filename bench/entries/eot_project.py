@@ -3,7 +3,7 @@ x C classes = N sequences of S suffix rows; fused kernels against the eager coun
 ``ops.eot_project_eager`` (gather, F.layer_norm, matmul, divide by the norm, torch autograd)."""
 import torch
 
-from bench.harness import Entry
+from ..harness import Entry
 from guidg_fast import ops
 
 

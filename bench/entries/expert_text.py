@@ -6,8 +6,8 @@ C in {65, 200} (OfficeHome names; 200 ImageNet names). Quick: the tiny config, C
 import torch
 
 import guidg_fast as gf
-from bench.entries import _text_common as common
-from bench.harness import Entry
+from . import _text_common as common
+from ..harness import Entry
 from guidg_fast import ops, reference
 
 

@@ -5,7 +5,7 @@ B = 36 (12 per source domain x 3), K = 3 experts, D = 512 (ViT-B/16), C over the
 import torch
 import torch.nn.functional as F
 
-from bench.harness import Entry
+from ..harness import Entry
 from guidg_fast import ops, reference
 
 B, K, D = 36, 3, 512

@@ -7,7 +7,7 @@ The q/k/v inputs are slices of one fused QKV projection output, as in the text p
 """
 import torch
 
-from bench.harness import Entry
+from ..harness import Entry
 from guidg_fast import ops
 
 

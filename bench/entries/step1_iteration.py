@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 import guidg_fast as gf
-from bench.entries import _text_common as common
-from bench.harness import Entry
+from . import _text_common as common
+from ..harness import Entry
 from guidg_fast import ops, reference
 from guidg_fast.train.feature_cache import ImageFeatureCache
 
