@@ -65,6 +65,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--out", default="bench/results", help="folder for the JSON results (default: bench/results)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements (faster)")
+    parser.add_argument("--max-parity-err", type=float, default=None, metavar="TOL",
+                        help="exit with status 1 if any entry's fast and reference outputs differ by more than "
+                             "TOL (max relative error; default: report only)")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU")
@@ -95,6 +98,13 @@ def main(argv=None) -> int:
         print(f"plot:    {plot(result, os.path.splitext(path)[0] + '.png')}")
     except ImportError as exc:  # matplotlib is optional: the JSON and the table are the results
         print(f"plot skipped ({exc}); pip install matplotlib to get the PNG")
+    if args.max_parity_err is not None:
+        bad = [r for r in rows if not r["parity_max_rel_err"] <= args.max_parity_err]
+        for r in bad:
+            print(f"PARITY FAILED: {r['entry']} {_fmt_case(r['case'])}: max relative error "
+                  f"{r['parity_max_rel_err']:.2e} > {args.max_parity_err:.0e}", file=sys.stderr)
+        if bad:
+            return 1
     return 0
 
 

@@ -244,7 +244,7 @@ print("compiled")
 """
 
 
-def test_cmattn_triton_kernels_compile_for_gpu():
+def test_cmattn_triton_kernels_compile_for_gpu(tmp_path):
     import os
     import subprocess
     import sys
@@ -255,7 +255,10 @@ def test_cmattn_triton_kernels_compile_for_gpu():
     except ImportError:
         pytest.skip("triton has no NVIDIA backend here")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-c", _AOT_COMPILE], capture_output=True, text=True, env=env, timeout=600)
+    # cwd away from the checkout: `python -c` puts the cwd first on sys.path, and the source tree's
+    # guidg_fast has no kernels/ subpackage (setup.py maps it from ./kernels when installing)
+    proc = subprocess.run([sys.executable, "-c", _AOT_COMPILE], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=str(tmp_path))
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
 
 
