@@ -10,6 +10,16 @@ import os
 from collections import defaultdict
 
 
+# the C-swept entries drawn in the time-vs-C panel (the ones whose cost grows with C)
+SWEPT = ("expert_text", "multi_expert_loss", "cmattn", "ensemble_logits")
+
+
+def _label(row: dict, varying: set) -> str:
+    """Entry name plus only the case keys that vary within that entry (a readable bar label)."""
+    parts = [f"{k}={v}" for k, v in row["case"].items() if k in varying]
+    return row["entry"] + (f" ({', '.join(parts)})" if parts else "")
+
+
 def plot(result: dict, out: str) -> str:
     import matplotlib
 
@@ -17,24 +27,36 @@ def plot(result: dict, out: str) -> str:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
+    cases = defaultdict(list)
+    for r in rows:
+        cases[r["entry"]].append(r["case"])
+    varying = {e: {k for k in cs[0] if len({str(c.get(k)) for c in cs}) > 1} for e, cs in cases.items()}
     swept = defaultdict(list)
     for r in rows:
-        if "C" in r["case"]:
+        if r["entry"] in SWEPT and "C" in r["case"] and "C" in varying[r["entry"]]:
             swept[r["entry"]].append(r)
-    n_panels = 1 + (1 if swept else 0)
-    fig, axes = plt.subplots(1, n_panels, figsize=(7 * n_panels, 4.8), squeeze=False)
+    # ensemble_logits sweeps C for one weights/mode setting: keep the rows of the first setting
+    for entry, rs in swept.items():
+        first = {k: v for k, v in rs[0]["case"].items() if k != "C"}
+        swept[entry] = [r for r in rs if {k: v for k, v in r["case"].items() if k != "C"} == first]
+    height = max(4.0, 0.28 * len(rows) + 1.2)
+    fig, axes = plt.subplots(1, 2 if swept else 1, figsize=(13 if swept else 7, height), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.15, 1]} if swept else None)
     ax = axes[0][0]
-    labels = [f"{r['entry']}\n" + ",".join(f"{k}={v}" for k, v in r["case"].items()) for r in rows]
+    labels = [_label(r, varying[r["entry"]]) for r in rows]
     speedups = [r["speedup"] for r in rows]
-    bars = ax.bar(range(len(rows)), speedups, color=["tab:green" if s >= 1 else "tab:red" for s in speedups])
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_yscale("log")
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels(labels, rotation=70, ha="right", fontsize=7)
-    ax.set_ylabel("speedup over the eager reference (x, log scale)")
-    ax.set_title(f"guidg-fast vs reference ({result['machine'].get('gpu') or 'CPU'}, torch {result['machine']['torch']})")
-    for bar, s in zip(bars, speedups):
-        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{s:.1f}x", ha="center", va="bottom", fontsize=7)
+    ys = list(range(len(rows)))[::-1]
+    ax.barh(ys, speedups, color=["tab:green" if s >= 1 else "tab:red" for s in speedups])
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_yticks(ys)
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_xlabel("speedup over the eager reference (x, log scale)")
+    device = result["machine"].get("gpu") or f"CPU, {result['machine'].get('torch_threads', '?')} threads"
+    ax.set_title(f"guidg-fast vs reference ({device}, torch {result['machine']['torch']})", fontsize=9)
+    for y, s in zip(ys, speedups):
+        ax.text(s, y, f" {s:.2f}x", va="center", fontsize=7)
+    ax.set_xlim(right=max(speedups) * 3)
     if swept:
         ax = axes[0][1]
         for entry, rs in sorted(swept.items()):
@@ -47,7 +69,7 @@ def plot(result: dict, out: str) -> str:
         ax.set_yscale("log")
         ax.set_xlabel("number of classes C")
         ax.set_ylabel("median time per call (ms)")
-        ax.set_title("time vs C")
+        ax.set_title("time vs number of classes", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -2,7 +2,7 @@
 
 Public API (names are a contract; see DESIGN.md):
     load_clip, ExpertPromptLearner, encode_expert_prompts, CrossModalAttention,
-    BetaMovingAverage, wise_ft, ops.<fused ops>, reference.<eager oracle>
+    BetaMovingAverage, wise_ft, ops.<fused ops>, reference.<eager oracle>, GuiDG (trainer, lazy)
 """
 __version__ = "0.1.0"
 
@@ -17,6 +17,7 @@ __all__ = [
     "BetaMovingAverage",
     "CrossModalAttention",
     "ExpertPromptLearner",
+    "GuiDG",
     "TINY_ARCH",
     "encode_expert_prompts",
     "load_clip",
@@ -24,3 +25,12 @@ __all__ = [
     "reference",
     "wise_ft",
 ]
+
+
+def __getattr__(name: str):
+    # the trainer (and its data/checkpoint imports) loads on first use: `import guidg_fast` stays light
+    if name == "GuiDG":
+        from .train import GuiDG
+
+        return GuiDG
+    raise AttributeError(f"module 'guidg_fast' has no attribute {name!r}")

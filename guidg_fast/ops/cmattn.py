@@ -65,11 +65,7 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"backend must be 'triton' or 'ext' for the fused cmattn op, got {backend!r}")
 
 
-@torch.library.custom_op("guidg_fast::fused_cmattn", mutates_args=())
-def _fused_cmattn(
-    f: Tensor, T: Tensor, wv: Tensor, bv: Tensor, wt: Tensor, bt: Tensor, metric: str, backend: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(out (B, K), q (B, H, D), keys (K, H, D)); q and keys are the activations saved for backward."""
+def _forward_impl(f: Tensor, T: Tensor, wv: Tensor, bv: Tensor, wt: Tensor, bt: Tensor, metric: str, backend: str):
     _check_backend(backend)
     out_dtype, dtype = f.dtype, _compute_dtype(f.dtype)
     if dtype != out_dtype:
@@ -85,6 +81,14 @@ def _fused_cmattn(
     return out.to(out_dtype), q, keys
 
 
+@torch.library.custom_op("guidg_fast::fused_cmattn", mutates_args=())
+def _fused_cmattn(
+    f: Tensor, T: Tensor, wv: Tensor, bv: Tensor, wt: Tensor, bt: Tensor, metric: str, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(out (B, K), q (B, H, D), keys (K, H, D)); q and keys are the activations saved for backward."""
+    return _forward_impl(f, T, wv, bv, wt, bt, metric, backend)
+
+
 @_fused_cmattn.register_fake
 def _fused_cmattn_fake(f, T, wv, bv, wt, bt, metric, backend):
     dtype = _compute_dtype(f.dtype)
@@ -93,12 +97,7 @@ def _fused_cmattn_fake(f, T, wv, bv, wt, bt, metric, backend):
     return f.new_empty((B, K)), f.new_empty((B, H, D), dtype=dtype), f.new_empty((K, H, D), dtype=dtype)
 
 
-@torch.library.custom_op("guidg_fast::fused_cmattn_backward", mutates_args=())
-def _fused_cmattn_backward(
-    grad_out: Tensor, f: Tensor, T: Tensor, wv: Tensor, wt: Tensor, q: Tensor, keys: Tensor,
-    metric: str, backend: str, needs: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (df, dT, dwv, dbv, dwt, dbt); one not asked for in ``needs`` comes back empty."""
+def _backward_impl(grad_out, f, T, wv, wt, q, keys, metric: str, backend: str, needs):
     _check_backend(backend)
     dtype, grad_dtype = q.dtype, f.dtype  # every argument shares f's dtype (checked at the boundary)
     if f.dtype != dtype:
@@ -121,6 +120,15 @@ def _fused_cmattn_backward(
         out(torch.bmm(dkey, T.transpose(1, 2)).sum(0) if need_wt else None),  # (K, H, C) summed over experts
         out(dkey.sum((0, 2)) if need_bt else None),
     )
+
+
+@torch.library.custom_op("guidg_fast::fused_cmattn_backward", mutates_args=())
+def _fused_cmattn_backward(
+    grad_out: Tensor, f: Tensor, T: Tensor, wv: Tensor, wt: Tensor, q: Tensor, keys: Tensor,
+    metric: str, backend: str, needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (df, dT, dwv, dbv, dwt, dbt); one not asked for in ``needs`` comes back empty."""
+    return _backward_impl(grad_out, f, T, wv, wt, q, keys, metric, backend, needs)
 
 
 @_fused_cmattn_backward.register_fake
@@ -153,6 +161,28 @@ def _backward(ctx, grad_out, _grad_q, _grad_keys):
 _fused_cmattn.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerFusedCmattn(torch.autograd.Function):
+    """The same kernels and GEMMs as the custom op, for eager mode: torch.library's Python custom-op
+    dispatch costs about as much per call as the fused work itself at step-2 shapes. torch.compile
+    traces the custom op instead (see cross_modal_attention)."""
+
+    @staticmethod
+    def forward(ctx, f, T, wv, bv, wt, bt, metric, backend):
+        out, q, keys = _forward_impl(f, T, wv, bv, wt, bt, metric, backend)
+        ctx.save_for_backward(f, T, wv, wt, q, keys)
+        ctx.metric, ctx.backend = metric, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        f, T, wv, wt, q, keys = ctx.saved_tensors
+        needs = [bool(n) for n in ctx.needs_input_grad[:6]]
+        if not any(needs):
+            return (None,) * 8
+        grads = _backward_impl(grad_out, f, T, wv, wt, q, keys, ctx.metric, ctx.backend, needs)
+        return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None)
+
+
 @torch.compiler.assume_constant_result
 def _choose_backend(device_type: str) -> str:
     # a constant for torch.compile: the choice reads the environment and the dispatcher, not tensors
@@ -165,4 +195,6 @@ def cross_modal_attention(f, T, wv, bv, wt, bt, metric: str = "cosine") -> torch
     backend = _choose_backend(f.device.type)
     if backend == "eager":
         return reference.cross_modal_attention(f, T, wv, bv, wt, bt, metric)
-    return torch.ops.guidg_fast.fused_cmattn(f, T, wv, bv, wt, bt, metric, backend)[0]
+    if torch.compiler.is_compiling():
+        return torch.ops.guidg_fast.fused_cmattn(f, T, wv, bv, wt, bt, metric, backend)[0]
+    return _EagerFusedCmattn.apply(f, T, wv, bv, wt, bt, metric, backend)

@@ -150,6 +150,28 @@ def _backward(ctx, grad_loss, *_):
 fused_multi_expert_loss.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerFusedMultiExpertLoss(torch.autograd.Function):
+    """The same kernels as the custom op, for eager mode: torch.library's Python custom-op dispatch
+    costs a few hundred microseconds per call, as much as the whole fused loss at step-2 shapes.
+    torch.compile traces the custom op instead (see multi_expert_loss)."""
+
+    @staticmethod
+    def forward(ctx, f, T, y, w, tau, margin, entropy_weight, backend, need_o):
+        loss, lse, ce, o, pbar = _forward_impl(backend, f, T, y, w, tau, margin, entropy_weight, need_o)
+        ctx.save_for_backward(f, T, y, w, lse, ce, o, pbar)
+        ctx.constants = (tau, margin, entropy_weight, backend)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        f, T, y, w, lse, ce, o, pbar = ctx.saved_tensors
+        tau, margin, entropy_weight, backend = ctx.constants
+        need_f, need_T, _, need_w = ctx.needs_input_grad[:4]
+        df, dT, dw = _backward_impl(backend, grad_loss.contiguous(), f, T, y, w, lse, ce, o, pbar, tau, margin,
+                                    entropy_weight, need_f, need_T, need_w)
+        return (df if need_f else None, dT if need_T else None, None, dw if need_w else None) + (None,) * 5
+
+
 if _backend.load_extension() is not None:
 
     @torch.library.register_fake("guidg_fast::multi_expert_loss_forward")
@@ -191,5 +213,8 @@ def multi_expert_loss(f, T, y, w, temperature, margin: float = 0.0, entropy_weig
     # needed when the backward needs sum_c dz T_c: for df, or for the margin path of dT
     need_rows = f.requires_grad or (T.requires_grad and margin != 0.0)
     need_o = entropy_weight == 0.0 and torch.is_grad_enabled() and need_rows
-    loss = fused_multi_expert_loss(f_c, T_c, y_c, w_c, tau, tau_tensor, margin, entropy_weight, backend, need_o)[0]
+    if compiling or tau_tensor is not None:
+        loss = fused_multi_expert_loss(f_c, T_c, y_c, w_c, tau, tau_tensor, margin, entropy_weight, backend, need_o)[0]
+    else:
+        loss = _EagerFusedMultiExpertLoss.apply(f_c, T_c, y_c, w_c, tau, margin, entropy_weight, backend, need_o)
     return loss if loss.dtype == f.dtype else loss.to(f.dtype)
