@@ -304,12 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="both steps on synthetic domains with a tiny CLIP on the CPU, with speedups")
     _add_common(p, demo=True)
-    p.add_argument("--step1-iterations", type=int, default=60, help="step-1 iterations (default: 60)")
-    p.add_argument("--step2-iterations", type=int, default=40, help="step-2 iterations (default: 40)")
+    p.add_argument("--step1-iterations", type=int, default=300, help="step-1 iterations (default: 300)")
+    p.add_argument("--step2-iterations", type=int, default=800, help="step-2 iterations (default: 800)")
     p.add_argument("--batch-size", type=int, default=32, help="step-1 images per expert per step (default: 32)")
     p.add_argument("--batch-per-domain", type=int, default=12, help="step-2 images per source domain (default: 12)")
-    p.add_argument("--step1-lr", type=float, default=2e-2, help="step-1 SGD learning rate (default: 2e-2)")
-    p.add_argument("--step2-lr", type=float, default=1e-4, help="step-2 AdamW learning rate (default: 1e-4)")
+    p.add_argument("--step1-lr", type=float, default=0.2, help="step-1 SGD learning rate (default: 0.2)")
+    p.add_argument("--step2-lr", type=float, default=1e-3, help="step-2 AdamW learning rate (default: 1e-3)")
     p.add_argument("--speed-iterations", type=int, default=3, help="iterations timed per mode (default: 3)")
     p.add_argument("--targets-only", dest="with_sources", action="store_false",
                    help="report only the held-out target (default: sources' step-2 images too)")

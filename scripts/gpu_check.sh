@@ -42,5 +42,7 @@ if [ "${DEMO_TIMEOUT:-120}" != 0 ]; then  # DEMO_TIMEOUT=0 skips the demo
 fi
 
 t0=$(date +%s)
-timeout ${BENCH_TIMEOUT:-240} python3 -P -m guidg_fast bench --device cuda $MODE --out "$OUT" >"$OUT/bench.log" 2>&1
+# BENCH_ONLY="cmattn multi_expert_loss" runs only those entries
+timeout ${BENCH_TIMEOUT:-240} python3 -P -m guidg_fast bench --device cuda $MODE ${BENCH_ONLY:+--only $BENCH_ONLY} \
+    --out "$OUT" >"$OUT/bench.log" 2>&1
 echo "bench rc=$? ($(( $(date +%s) - t0 )) s)"; tail -40 "$OUT/bench.log"
