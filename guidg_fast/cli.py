@@ -87,9 +87,10 @@ class _RunDir:
         return path
 
 
-def _load_split(args):
+def _load_split(args, raw_step1: bool = False):
     """The data of a run (synthetic demo domains, or DomainBed folders under --data) with the official
-    transforms: one un-augmented view for step 1 (exact feature cache), RandAugment for step 2."""
+    transforms: one un-augmented view for step 1 (exact feature cache), RandAugment for step 2.
+    ``raw_step1``: step-1 images stay untransformed (the feature cache applies the augmentation)."""
     from . import data
 
     if args.data == "synthetic":
@@ -107,7 +108,7 @@ def _load_split(args):
     else:
         split = data.multi_source_split(domains, [target], seed=args.seed)
     plain = data.clip_transform(args.image_size)
-    return split.with_transforms(plain, data.clip_transform(args.image_size, randaugment=True), plain)
+    return split.with_transforms(None if raw_step1 else plain, data.clip_transform(args.image_size, randaugment=True), plain)
 
 
 def _new_model(args, split):
@@ -142,14 +143,20 @@ def _callback(run, every: int):
 def cmd_train_experts(args) -> int:
     import os
 
+    from .data import clip_transform
+
+    if args.views < 1:
+        raise SystemExit(f"--views must be >= 1, got {args.views}")
     run = _RunDir(args.out, "train-experts")
-    split = _load_split(args)
+    split = _load_split(args, raw_step1=args.views > 1)
     model = _new_model(args, split)
     run.print(f"step 1: {len(split.source_domains)} experts {split.source_domains}, {len(split.classnames)} classes")
     losses = model.fit_experts(
         split.step1, iterations=args.iterations, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         checkpoint_dir=run.path, checkpoint_every=args.checkpoint_every, resume=args.resume, progress=True,
-        callback=_callback(run, args.log_every),
+        callback=_callback(run, args.log_every), views=args.views,
+        transform=clip_transform(args.image_size, train=True) if args.views > 1 else None,
+        cache_dir=args.feature_cache,
     )
     model.save(os.path.join(run.path, "model"))
     run.metrics.update({"step1_loss": losses, "model": os.path.join(run.path, "model")})
@@ -323,6 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-4, help="SGD learning rate (default: 1e-4, official)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="save resumable state every N steps (default: 100)")
     p.add_argument("--resume", default=None, help="step1_state.pt to continue from (default: none)")
+    p.add_argument("--views", type=int, default=1,
+                   help="augmented views cached per image (random crop + flip, official step-1 augmentation); "
+                        "1 = one un-augmented view, exact (default: 1)")
+    p.add_argument("--feature-cache", default=None, metavar="DIR",
+                   help="keep the frozen image features in safetensors files in DIR, reused while weights, "
+                        "images and transform are unchanged (default: none, in memory)")
     p.set_defaults(func=cmd_train_experts)
 
     p = sub.add_parser("finetune", help="step 2: fine-tune the vision encoder under expert guidance")

@@ -79,6 +79,18 @@ def test_train_finetune_evaluate_commands(tmp_path):
     assert proc.returncode != 0 and "trained for 7 classes" in proc.stderr
 
 
+def test_train_experts_augmented_views_with_feature_cache(tmp_path):
+    common = ["--arch", "guidg-tiny", "--image-size", "32", "--n-ctx", "2", "--synthetic-images", "3"]
+    cache = tmp_path / "features"
+    for run in ("a", "b"):  # the second run reads the cached features back
+        proc = _run(sys.executable, "-m", "guidg_fast", "train-experts", *common, "--iterations", "3", "--batch-size", "4",
+                    "--views", "2", "--feature-cache", str(cache), "--out", str(tmp_path / run))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list(cache.glob("step1_features_*.safetensors"))) == 3
+    losses = [json.loads((tmp_path / run / "metrics.json").read_text())["step1_loss"] for run in ("a", "b")]
+    assert losses[0] == losses[1]
+
+
 def test_every_option_documents_its_default():
     for command in ("demo", "train-experts", "finetune", "evaluate"):
         proc = _run(sys.executable, "-m", "guidg_fast", command, "--help")

@@ -98,7 +98,8 @@ def test_non_clip_model_is_rejected(tiny_clip):
         gf.ExpertPromptLearner(torch.nn.Linear(2, 2), tokenizer, ["a"], num_experts=1)
 
 
-def test_fast_name_routes_to_reference(tiny_clip):
+def test_public_encode_expert_prompts_matches_reference(tiny_clip):
+    # gf.encode_expert_prompts is the shared-prefix fast pass; tests/test_text_fast.py covers it in depth
     model, _, tokenizer = tiny_clip
     learner = gf.ExpertPromptLearner(model, tokenizer, CLASSES, num_experts=2, n_ctx=2)
     assert_close(gf.encode_expert_prompts(model, learner), reference.encode_expert_prompts(model, learner))

@@ -114,3 +114,31 @@ def test_official_prompt_learner_loads(tmp_path):
     torch.save({"ctx": ctx, "token_prefix": torch.zeros(C + 3, 1, W)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="another class set"):
         model.load_official_expert("a", str(tmp_path / "other.pth"))
+
+
+def test_step1_feature_cache_on_disk_equals_in_memory(tmp_path):
+    plain = _model()
+    plain.fit_experts(_data(), iterations=5, batch_size=5, lr=5e-2)
+    cached = _model()
+    cached.fit_experts(_data(), iterations=5, batch_size=5, lr=5e-2, cache_dir=str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"step1_features_{k}.safetensors" for k in range(3)]
+    torch.testing.assert_close(cached.learner.ctx, plain.learner.ctx, rtol=1e-5, atol=1e-6)
+    again = _model()
+    again.fit_experts(_data(), iterations=5, batch_size=5, lr=5e-2, cache_dir=str(tmp_path))  # read back
+    assert torch.equal(again.learner.ctx, cached.learner.ctx)
+
+
+def test_step1_augmented_views():
+    def jitter(x):  # a random transform: each cached view of an image differs
+        return x + 0.1 * torch.randn_like(x)
+
+    a = _model()
+    hist = a.fit_experts(_data(), iterations=8, batch_size=6, lr=5e-2, views=2, transform=jitter)
+    b = _model()
+    assert b.fit_experts(_data(), iterations=8, batch_size=6, lr=5e-2, views=2, transform=jitter) == hist  # seeded
+    one = _model()
+    assert one.fit_experts(_data(), iterations=8, batch_size=6, lr=5e-2, views=1, transform=jitter) != hist
+    with pytest.raises(ValueError, match="views"):
+        _model().fit_experts(_data(), iterations=2, views=2)
+    with pytest.raises(ValueError, match="views"):
+        _model().fit_experts(_data(), iterations=2, views=0)

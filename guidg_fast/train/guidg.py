@@ -20,6 +20,7 @@ from ..backbone import load_clip
 from ..prompts import ExpertPromptLearner
 from ..text import encode_expert_prompts
 from . import checkpoint
+from .feature_cache import ImageFeatureCache
 
 BASELINES = {
     # margin: CLIPood margin metric softmax; entropy_weight: UEO term; bma: beta moving average of the
@@ -192,16 +193,39 @@ class GuiDG:
         resume: str | None = None,
         progress: bool = False,
         callback: Callable | None = None,
+        views: int = 1,
+        transform: Callable | None = None,
+        cache_dir: str | None = None,
     ) -> list:
         """Step 1: all K experts in one run (official: SGD lr 1e-4, cosine schedule, batch 32).
 
-        The frozen image encoder runs once per image (exact for one un-augmented view); every step is one
-        batched text pass for all experts plus a (B, D) x (D, C) product per expert. The cosine schedule is
-        sized to the steps actually run. Returns the per-step loss history.
+        The frozen image encoder runs once per image and view (exact for one un-augmented view); every
+        step is one batched text pass for all experts plus a (B, D) x (D, C) product per expert. The
+        cosine schedule is sized to the steps actually run. Returns the per-step loss history.
+
+        ``views`` > 1 with a random ``transform`` (applied to each dataset image) caches that many
+        augmented copies of every image; epoch e of a domain uses view e % views. ``cache_dir`` keeps
+        the features in safetensors files there (one per domain), reused while the encoder weights,
+        the images and the transform are unchanged (see ``ImageFeatureCache``).
         """
         self._check_datasets(datasets, "datasets", need_all_domains=True)
-        cached = {d: self.dataset_features(datasets[d]) for d in self.domains}
+        if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+            raise ValueError(f"views must be an int >= 1, got {views!r}")
+        if views > 1 and transform is None:
+            raise ValueError("views > 1 needs a random transform (every view would be the same image)")
         sizes = {d: len(datasets[d]) for d in self.domains}
+        caches = None
+        if views > 1 or transform is not None or cache_dir is not None:
+            caches = {
+                d: ImageFeatureCache(
+                    self.model, datasets[d], transform=transform, views=views, seed=self.config["seed"] + k,
+                    path=os.path.join(cache_dir, f"step1_features_{k}.safetensors") if cache_dir else None,
+                ).load_or_build()
+                for k, d in enumerate(self.domains)
+            }
+            cached = None
+        else:
+            cached = {d: self.dataset_features(datasets[d]) for d in self.domains}
         steps = iterations if iterations is not None else epochs * max(math.ceil(n / batch_size) for n in sizes.values())
         if steps < 1:
             raise ValueError(f"iterations must be >= 1, got {steps}")
@@ -226,9 +250,14 @@ class GuiDG:
             loss = T.new_zeros(())
             for k, d in enumerate(self.domains):
                 idx = epoch_batch_indices(sizes[d], batch_size, step, seed, stream=k).to(self.device)
-                feats, labels = cached[d]
-                logits = self.temperature * feats[idx] @ T[k].t()
-                loss = loss + F.cross_entropy(logits, labels[idx])
+                if caches is None:
+                    feats, labels = cached[d]
+                    feats, labels = feats[idx], labels[idx]
+                else:
+                    epoch = step // max(1, math.ceil(sizes[d] / batch_size))
+                    feats, labels = caches[d].get(idx, caches[d].view_for_epoch(epoch), device=self.device)
+                logits = self.temperature * feats @ T[k].t()
+                loss = loss + F.cross_entropy(logits, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
