@@ -28,6 +28,7 @@
 #include <tuple>
 
 #include "multi_expert_loss.h"
+#include "multi_expert_loss_args.h"
 
 namespace guidg_fast {
 namespace multi_expert_loss {
@@ -359,39 +360,10 @@ __global__ void backward_experts_kernel(const scalar_t* __restrict__ grad_ptr, c
   }
 }
 
-struct Shapes {
-  int64_t B, K, C, D;
-  bool per_sample;
-};
-
-Shapes check_inputs(const at::Tensor& f, const at::Tensor& T, const at::Tensor& y, const at::Tensor& w) {
-  GF_CHECK_DIM(f, 2, "f");
-  GF_CHECK_DIM(T, 3, "T");
-  GF_CHECK_DIM(y, 1, "y");
-  TORCH_CHECK(w.dim() == 1 || w.dim() == 2, "w must be 1-D (K,) or 2-D (B, K), got shape ", w.sizes());
+Shapes check_inputs_cuda(const at::Tensor& f, const at::Tensor& T, const at::Tensor& y, const at::Tensor& w) {
   TORCH_CHECK(f.is_cuda(), "f must be a CUDA tensor for the CUDA kernel");
-  GF_CHECK_CONTIGUOUS(f, "f");
-  GF_CHECK_CONTIGUOUS(T, "T");
-  GF_CHECK_CONTIGUOUS(y, "y");
-  GF_CHECK_CONTIGUOUS(w, "w");
-  GF_CHECK_FLOATING(f, "f");
-  TORCH_CHECK(T.scalar_type() == f.scalar_type() && w.scalar_type() == f.scalar_type(),
-              "T and w must have f's dtype ", f.scalar_type(), ", got ", T.scalar_type(), " and ", w.scalar_type());
-  TORCH_CHECK(y.scalar_type() == at::kLong, "y must be int64, got ", y.scalar_type());
-  GF_CHECK_SAME_DEVICE(T, f, "T", "f");
-  GF_CHECK_SAME_DEVICE(y, f, "y", "f");
-  GF_CHECK_SAME_DEVICE(w, f, "w", "f");
-  Shapes s{f.size(0), T.size(0), T.size(1), f.size(1), w.dim() == 2};
-  TORCH_CHECK(T.size(2) == s.D, "T must have shape (K, C, ", s.D, "), got ", T.sizes());
-  TORCH_CHECK(s.B > 0 && s.K > 0 && s.C > 0 && s.D > 0, "f and T must be non-empty, got ", f.sizes(), " and ", T.sizes());
+  const Shapes s = check_inputs(f, T, y, w);  // the checks shared with the CPU launcher
   TORCH_CHECK(s.K <= 65535, "multi_expert_loss (CUDA): at most 65535 experts, got K = ", s.K);
-  TORCH_CHECK(y.size(0) == s.B, "y must have shape (", s.B, ",), got ", y.sizes());
-  if (s.per_sample) {
-    TORCH_CHECK(w.size(0) == s.B && w.size(1) == s.K, "w (per-sample weights) must have shape (", s.B, ", ", s.K,
-                "), got ", w.sizes());
-  } else {
-    TORCH_CHECK(w.size(0) == s.K, "w (batch weights) must have shape (", s.K, ",), got ", w.sizes());
-  }
   return s;
 }
 
@@ -403,7 +375,7 @@ void check_shared(size_t bytes, int64_t D) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_expert_loss_forward_cuda(
     const at::Tensor& f, const at::Tensor& T, const at::Tensor& y, const at::Tensor& w, double temperature,
     double margin, double entropy_weight, bool need_o) {
-  const Shapes s = check_inputs(f, T, y, w);
+  const Shapes s = check_inputs_cuda(f, T, y, w);
   TORCH_CHECK(temperature > 0, "temperature must be positive, got ", temperature);
   c10::cuda::CUDAGuard guard(f.device());
   const auto options = f.options();
@@ -448,7 +420,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_expert_loss_backward_cuda(
     const at::Tensor& grad, const at::Tensor& f, const at::Tensor& T, const at::Tensor& y, const at::Tensor& w,
     const at::Tensor& lse, const at::Tensor& ce, const at::Tensor& o, const at::Tensor& pbar, double temperature,
     double margin, double entropy_weight, bool need_f, bool need_T, bool need_w) {
-  const Shapes s = check_inputs(f, T, y, w);
+  const Shapes s = check_inputs_cuda(f, T, y, w);
   const bool entropy = entropy_weight != 0.0;
   TORCH_CHECK(grad.numel() == 1 && grad.device() == f.device() && grad.scalar_type() == f.scalar_type(),
               "grad must be one value of f's dtype on f's device, got shape ", grad.sizes());
