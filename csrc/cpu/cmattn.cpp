@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cmattn.h"
+#include "outputs.h"
 
 namespace guidg_fast {
 namespace {
@@ -55,11 +56,6 @@ void check_inputs(const at::Tensor& q, const at::Tensor& keys, const char* op) {
               ", ", q.size(2), ") to match q (B, H, D) = ", q.sizes(), ", got ", keys.sizes());
   TORCH_CHECK(q.size(0) > 0 && keys.size(0) > 0 && q.size(1) > 0 && q.size(2) > 0, op,
               ": q and keys must be non-empty, got ", q.sizes(), " and ", keys.sizes());
-}
-
-at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  if (cmattn_poison_requested()) return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options);
-  return at::empty(sizes, options);
 }
 
 // Norms of every (expert, head) key, computed once per call: (K * H).

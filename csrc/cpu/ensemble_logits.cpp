@@ -21,6 +21,7 @@
 #include <algorithm>
 
 #include "ensemble_logits.h"
+#include "outputs.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -105,15 +106,6 @@ void mix_rows(scalar_t* out, int64_t out_row, const scalar_t* values, int64_t va
   } else {
     ensemble_mix_rows_f64(out, out_row, values, value_row, value_k, weights, weight_row, K, scale, n, lo, hi);
   }
-}
-
-// GUIDG_FAST_POISON=1: outputs start as NaN, so an element a kernel forgets to write fails parity.
-at::Tensor ensemble_alloc(at::IntArrayRef shape, const at::Tensor& like) {
-  const char* poison = std::getenv("GUIDG_FAST_POISON");
-  if (poison != nullptr && std::strcmp(poison, "1") == 0) {
-    return at::full(shape, std::numeric_limits<double>::quiet_NaN(), like.options());
-  }
-  return at::empty(shape, like.options());
 }
 
 void ensemble_check_cpu(const at::Tensor& f, const at::Tensor& T, const at::Tensor& w) {
@@ -204,7 +196,7 @@ at::Tensor ensemble_logits_forward_cpu(const at::Tensor& f, const at::Tensor& T,
                                        double temperature) {
   ensemble_check_cpu(f, T, w);
   const int64_t B = f.size(0), D = f.size(1), K = T.size(0), C = T.size(1);
-  auto out = ensemble_alloc({B, C}, f);
+  auto out = new_output({B, C}, f.options());
   if (w.dim() == 1) {
 #ifdef GF_ENSEMBLE_AVX512_TILES
     if (f.scalar_type() == at::kFloat && ensemble_avx512_tiles_enabled()) {
@@ -245,12 +237,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ensemble_logits_backward_cpu(
 
   if (!per_sample) {
     if (need_f) {
-      grad_f = ensemble_alloc({B, D}, f);
+      grad_f = new_output({B, D}, f.options());
       at::mm_out(grad_f, grad, mixed_experts(T, w, temperature));
     }
     if (need_T || need_w) {
       const auto G = at::mm(grad.t(), f);  // (C, D) = g^T f, shared by every expert
-      if (need_T) grad_T = ensemble_alloc({K, C, D}, T);
+      if (need_T) grad_T = new_output({K, C, D}, T.options());
       auto dots = at::empty({need_w ? K : 0, C}, f.options());
       AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "ensemble_logits_backward_T_cpu", [&] {
         const scalar_t* g = G.data_ptr<scalar_t>();
@@ -281,8 +273,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ensemble_logits_backward_cpu(
   if (need_f || need_w) {
     // H[k] = g @ T_k (K, B, D): the per-expert gradient of f, before the weights
     const auto H = at::matmul(grad.unsqueeze(0).expand({K, B, C}), T).contiguous();
-    if (need_f) grad_f = ensemble_alloc({B, D}, f);
-    if (need_w) grad_w = ensemble_alloc({B, K}, w);
+    if (need_f) grad_f = new_output({B, D}, f.options());
+    if (need_w) grad_w = new_output({B, K}, w.options());
     AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "ensemble_logits_backward_f_cpu", [&] {
       const scalar_t* h = H.data_ptr<scalar_t>();
       const scalar_t* fp = f.data_ptr<scalar_t>();
@@ -318,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ensemble_logits_backward_cpu(
         }
       });
     });
-    grad_T = ensemble_alloc({K, C, D}, T);
+    grad_T = new_output({K, C, D}, T.options());
     at::bmm_out(grad_T, gw.transpose(1, 2), f.unsqueeze(0).expand({K, B, D}));
   }
   return {grad_f, grad_T, grad_w};

@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include "eot_project.h"
+#include "outputs.h"
 
 namespace guidg_fast {
 namespace {
@@ -22,16 +23,6 @@ namespace {
 // cost milliseconds).
 constexpr int64_t kSerialElements = int64_t(1) << 20;
 int64_t row_grain(int64_t row_elems) { return std::max<int64_t>(1, kSerialElements / std::max<int64_t>(row_elems, 1)); }
-
-bool poison_outputs() {
-  const char* flag = std::getenv("GUIDG_FAST_POISON");
-  return flag != nullptr && std::strcmp(flag, "1") == 0;
-}
-
-at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options) {
-  return poison_outputs() ? at::full(shape, std::numeric_limits<double>::quiet_NaN(), options)
-                          : at::empty(shape, options);
-}
 
 void check_eot_inputs(const char* op, const at::Tensor& x, const at::Tensor& eot_index, const at::Tensor& w,
                       const at::Tensor& b, const at::Tensor& proj) {

@@ -40,6 +40,7 @@
 
 #include "multi_expert_loss.h"
 #include "multi_expert_loss_args.h"
+#include "outputs.h"
 
 // Fortran BLAS of the library torch links (MKL on x86 wheels); weak, so a torch without them still
 // loads this extension and the GEMMs fall back to at::mm.
@@ -63,17 +64,6 @@ namespace multi_expert_loss {
 namespace {
 
 constexpr int kLanes = 16;        // independent partial sums / maxima in the vectorised row loops
-
-bool poison_outputs() {
-  const char* v = std::getenv("GUIDG_FAST_POISON");
-  return v != nullptr && std::strcmp(v, "1") == 0;
-}
-
-// Outputs are filled with NaN under GUIDG_FAST_POISON=1, so a test sees any element a kernel skips.
-at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  if (poison_outputs()) return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options);
-  return at::empty(sizes, options);
-}
 
 // ---------------------------------------------------------------------------------------------
 // GEMM on row-major buffers: C (M x N) = alpha op(A) op(B) + beta C, op(A) M x K, op(B) K x N.

@@ -15,6 +15,7 @@
 #include <tuple>
 
 #include "cmattn.h"
+#include "outputs.h"
 
 namespace guidg_fast {
 namespace {
@@ -160,11 +161,6 @@ void check_inputs(const at::Tensor& q, const at::Tensor& keys, const char* op) {
   TORCH_CHECK(q.size(0) > 0 && keys.size(0) > 0 && q.size(1) > 0 && q.size(2) > 0, op,
               ": q and keys must be non-empty, got ", q.sizes(), " and ", keys.sizes());
   TORCH_CHECK(keys.size(0) <= kMaxExperts, op, ": at most ", kMaxExperts, " experts, got K = ", keys.size(0));
-}
-
-at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  if (cmattn_poison_requested()) return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options);
-  return at::empty(sizes, options);
 }
 
 at::Tensor cmattn_forward_cuda(const at::Tensor& q, const at::Tensor& keys, bool cosine) {

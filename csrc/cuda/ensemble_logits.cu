@@ -17,6 +17,7 @@
 #include <tuple>
 
 #include "ensemble_logits.h"
+#include "outputs.h"
 
 namespace guidg_fast {
 namespace {
@@ -67,14 +68,6 @@ __global__ void ensemble_scale_kernel(float* out, const float* values, const flo
     const int64_t j = i % J, kr = i / J, r = kr % R, k = kr / R;
     out[i] = ensemble_scale_factor<float>(weights[r * weight_row + k * weight_k], tau) * values[r * J + j];
   }
-}
-
-at::Tensor ensemble_alloc_cuda(at::IntArrayRef shape, const at::Tensor& like) {
-  const char* poison = std::getenv("GUIDG_FAST_POISON");
-  if (poison != nullptr && std::strcmp(poison, "1") == 0) {
-    return at::full(shape, std::numeric_limits<float>::quiet_NaN(), like.options());
-  }
-  return at::empty(shape, like.options());
 }
 
 void ensemble_check_cuda(const at::Tensor& f, const at::Tensor& T, const at::Tensor& w) {
@@ -137,7 +130,7 @@ at::Tensor ensemble_logits_forward_cuda(const at::Tensor& f, const at::Tensor& T
   ensemble_check_cuda(f, T, w);
   c10::cuda::CUDAGuard guard(f.device());
   const int64_t B = f.size(0), D = f.size(1), K = T.size(0), C = T.size(1);
-  auto out = ensemble_alloc_cuda({B, C}, f);
+  auto out = new_output({B, C}, f.options());
   if (w.dim() == 1) {
     auto M = at::empty({C, D}, T.options());
     launch_mix(M, T, D, C * D, w, 0, 1, K, temperature, C, D);
@@ -167,13 +160,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ensemble_logits_backward_cuda(
     if (need_f) {
       auto M = at::empty({C, D}, T.options());
       launch_mix(M, T, D, C * D, w, 0, 1, K, temperature, C, D);
-      grad_f = ensemble_alloc_cuda({B, D}, f);
+      grad_f = new_output({B, D}, f.options());
       at::mm_out(grad_f, grad, M);
     }
     if (need_T || need_w) {
       const auto G = at::mm(grad.t(), f);  // (C, D)
       if (need_T) {
-        grad_T = ensemble_alloc_cuda({K, C, D}, T);
+        grad_T = new_output({K, C, D}, T.options());
         launch_scale(grad_T, G, w, 0, 1, temperature, K, C, D);
       }
       if (need_w) {
@@ -188,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ensemble_logits_backward_cuda(
   if (need_f || need_w) {
     const auto H = at::matmul(grad.unsqueeze(0).expand({K, B, C}), T).contiguous();  // (K, B, D)
     if (need_f) {
-      grad_f = ensemble_alloc_cuda({B, D}, f);
+      grad_f = new_output({B, D}, f.options());
       launch_mix(grad_f, H, D, B * D, w, K, 1, K, temperature, B, D);
     }
     if (need_w) {
@@ -200,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ensemble_logits_backward_cuda(
   if (need_T) {
     auto gw = at::empty({K, B, C}, f.options());
     launch_scale(gw, grad, w, K, 1, temperature, K, B, C);
-    grad_T = ensemble_alloc_cuda({K, C, D}, T);
+    grad_T = new_output({K, C, D}, T.options());
     at::bmm_out(grad_T, gw.transpose(1, 2), f.unsqueeze(0).expand({K, B, D}));
   }
   return {grad_f, grad_T, grad_w};
