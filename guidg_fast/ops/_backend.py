@@ -157,6 +157,12 @@ def choose(name: str, device: torch.device) -> str:
     return "eager"
 
 
+def kernel_dtype(dtype: torch.dtype, backend: str, device: torch.device) -> torch.dtype:
+    """The dtype a fused kernel computes in: the ext CPU kernels run float32 and float64; the CUDA
+    kernels and Triton run float32 (fp32 accumulation), so everything else is cast to float32."""
+    return dtype if (dtype == torch.float64 and backend == "ext" and device.type == "cpu") else torch.float32
+
+
 def describe(name: str, device_type: str) -> str:
     """What ``info`` prints: the backend used by default, without needing such a device."""
     spec = REGISTRY[name]

@@ -92,8 +92,7 @@ def eot_project(x, eot_index, ln_weight, ln_bias, proj, eps=1e-5) -> torch.Tenso
 
 def _fused(x, eot_index, ln_weight, ln_bias, proj, eps, backend):
     dtype = x.dtype
-    # ext on CPU runs float32 and float64; CUDA kernels and Triton run float32
-    compute = dtype if (dtype == torch.float64 and backend == "ext" and x.device.type == "cpu") else torch.float32
+    compute = _backend.kernel_dtype(dtype, backend, x.device)
     if dtype != compute:
         x, ln_weight, ln_bias, proj = (t.to(compute) for t in (x, ln_weight, ln_bias, proj))
     out = torch.ops.guidg_fast.fused_eot_project(x, eot_index.long(), ln_weight, ln_bias, proj, eps, backend)[0]

@@ -114,8 +114,7 @@ def prefix_attention(q, k, v, k_prefix, v_prefix, scale=None) -> torch.Tensor:
 
 def _fused(q, k, v, k_prefix, v_prefix, scale, backend):
     dtype = q.dtype
-    # ext on CPU runs float32 and float64; CUDA kernels and Triton run float32 (fp32 accumulation)
-    compute = dtype if (dtype == torch.float64 and backend == "ext" and q.device.type == "cpu") else torch.float32
+    compute = _backend.kernel_dtype(dtype, backend, q.device)
     if dtype != compute:
         q, k, v, k_prefix, v_prefix = (t.to(compute) for t in (q, k, v, k_prefix, v_prefix))
     out, _ = torch.ops.guidg_fast.fused_prefix_attention(q, k, v, k_prefix, v_prefix, scale, backend)
