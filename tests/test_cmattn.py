@@ -175,6 +175,74 @@ def test_opcheck_extension_kernels():
         torch.library.opcheck(torch.ops.guidg_fast.cmattn_backward.default, (torch.randn(3, 4), q, keys, cosine))
 
 
+@pytest.mark.skipif("ext" not in _backend.available("cmattn", "cpu"), reason="guidg_fast._C not built")
+def test_opcheck_cpp_composite_ops():
+    args = [a.detach() for a in _inputs((3, 2, 4, 20, 2))]
+    for cosine in (True, False):
+        torch.library.opcheck(torch.ops.guidg_fast.cmattn.default, (*[a.requires_grad_() for a in args], cosine))
+        args = [a.detach() for a in args]
+        torch.library.opcheck(torch.ops.guidg_fast.cmattn_fused_forward.default, (*args, cosine))
+        out, q, keys = torch.ops.guidg_fast.cmattn_fused_forward(*args, cosine)
+        bwd = (torch.randn_like(out), args[0], args[1], args[2], args[4], q, keys, cosine,
+               [True, True, True, False, True, True])
+        torch.library.opcheck(torch.ops.guidg_fast.cmattn_fused_backward.default, bwd)
+
+
+@pytest.mark.skipif("ext" not in _backend.available("cmattn", "cpu"), reason="guidg_fast._C not built")
+@pytest.mark.parametrize("cosine", [True, False], ids=["cosine", "dot"])
+@pytest.mark.parametrize("shape", [(36, 3, 4, 512), (1, 1, 1, 17), (19, 5, 3, 33)], ids=str)
+def test_cpu_kernels_take_both_q_layouts(cosine, shape, monkeypatch):
+    # the C++ composite hands the CPU kernels q as the batch-minor view of W f^T (H*D, B); a
+    # contiguous q (any direct call) must give the same result, and dq comes back in q's layout
+    monkeypatch.setenv("GUIDG_FAST_POISON", "1")
+    B, K, H, D = shape
+    qT = torch.randn(H * D, B)
+    q_minor, q_rows = qT.t().view(B, H, D), qT.t().contiguous().view(B, H, D)
+    keys, grad_out = torch.randn(K, H, D), torch.randn(B, K)
+    out_minor = torch.ops.guidg_fast.cmattn_forward(q_minor, keys, cosine)
+    out_rows = torch.ops.guidg_fast.cmattn_forward(q_rows, keys, cosine)
+    dq_minor, dkey_minor = torch.ops.guidg_fast.cmattn_backward(grad_out, q_minor, keys, cosine)
+    dq_rows, dkey_rows = torch.ops.guidg_fast.cmattn_backward(grad_out, q_rows, keys, cosine)
+    assert dq_minor.stride() == q_minor.stride() and dq_rows.is_contiguous()
+    # both against the reference math on the same q
+    q_ref = q_rows.clone().requires_grad_()
+    keys_ref = keys.clone().requires_grad_()
+    if cosine:
+        s = F.cosine_similarity(q_ref.unsqueeze(2), keys_ref.transpose(0, 1).unsqueeze(0), dim=-1)  # (B, H, K)
+    else:
+        s = torch.einsum("bhd,khd->bhk", q_ref, keys_ref) / D**0.5
+    expected = s.softmax(-1).mean(1)
+    dq_ref, dkey_ref = torch.autograd.grad(expected, (q_ref, keys_ref), grad_out)
+    for got in (out_minor, out_rows):
+        assert_close(got, expected, "out")
+    for got in (dq_minor, dq_rows):
+        assert_close(got, dq_ref, "dq")
+    for got in (dkey_minor, dkey_rows):
+        assert_close(got, dkey_ref, "dkey")
+
+
+@pytest.mark.skipif("ext" not in _backend.available("cmattn", "cpu"), reason="guidg_fast._C not built")
+def test_cpu_kernels_reject_other_q_strides():
+    q = torch.randn(4, 3, 8).transpose(0, 1)  # neither layout
+    with pytest.raises(RuntimeError, match="q must be contiguous"):
+        torch.ops.guidg_fast.cmattn_forward(q, torch.randn(2, 4, 8), True)
+
+
+@pytest.mark.skipif("ext" not in _backend.available("cmattn", "cpu"), reason="guidg_fast._C not built")
+def test_eager_ext_path_is_the_cpp_autograd_op(monkeypatch):
+    monkeypatch.setenv("GUIDG_FAST_POISON", "1")
+    args = _inputs((6, 3, 7, 40, 4))
+    with ops.use_backend("ext"):
+        out = ops.cross_modal_attention(*args)
+    assert "CmattnFunction" in out.grad_fn.name()  # GEMMs, kernels and autograd formula in C++
+    # below autograd (inference mode) the same op runs its forward alone
+    with torch.inference_mode():
+        plain = torch.ops.guidg_fast.cmattn(*[a.detach() for a in args], True)
+    assert torch.equal(plain, out.detach())
+    with pytest.raises(RuntimeError, match=r"wt must have shape \(4, 7\)"):
+        torch.ops.guidg_fast.cmattn(*args[:4], args[4][:, :5], args[5], True)
+
+
 def test_cmattn_compiles_without_graph_breaks():
     # a training step as step 2 runs it: detached features, loss weighted by the expert weights
     B, K, C, D, H = 5, 3, 7, 24, 2

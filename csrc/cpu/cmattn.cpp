@@ -1,7 +1,7 @@
 // CPU launchers for cmattn: the fused score / softmax-over-experts / mean-over-heads step of the
 // cross-modal attention, forward and backward. q (B, H, D) holds every head's v-projection,
 // keys (K, H, D) every head's pooled expert key; the projections themselves are GEMMs done by the
-// caller (guidg_fast/ops/cmattn.py).
+// caller (csrc/autograd/cmattn.cpp, or the Triton backend's guidg_fast/ops/cmattn.py).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -19,34 +19,31 @@
 namespace guidg_fast {
 namespace {
 
-// Multiply-adds per parallel chunk. The step-2 shapes (B = 36, K = 3, H = 4, D = 512) are a few
-// hundred thousand multiply-adds per call, faster on one thread than the cost of waking a team
-// (which is far worse on a loaded machine); bigger batches still spread over the pool.
-constexpr int64_t kWorkPerChunk = 1 << 20;
+// q (B, H, D) comes in one of two layouts, both with unit-stride-free indexing
+// q[b, h, d] = q[b * sb + (h * D + d) * sd]:
+//   row-major    (contiguous (B, H, D)):               sb = H * D, sd = 1
+//   batch-minor  ((H * D, B) contiguous, viewed as (B, H, D)): sb = 1, sd = B
+// guidg_fast::cmattn computes the v-projection on the CPU as (H*D, D) x (D, B) -- W f^T, the
+// faster GEMM shape for B ~ 36 rows -- so its q is batch-minor; the loops below walk d outer and b
+// inner, which vectorises over the batch in that layout. dq comes back in q's layout.
+struct QLayout {
+  int64_t sb, sd;
+  bool batch_minor;
+};
 
-int64_t grain_for(int64_t work_per_item) {
-  return std::max<int64_t>(1, kWorkPerChunk / std::max<int64_t>(1, work_per_item));
-}
-
-// Eight independent partial sums: the compiler vectorises the lanes without reassociating a single
-// running sum, and the rounding error grows with D / 8 instead of D.
-template <typename scalar_t, typename acc_t>
-acc_t dot_lanes(const scalar_t* a, const scalar_t* b, int64_t n) {
-  acc_t lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int j = 0; j < 8; ++j) lanes[j] += static_cast<acc_t>(a[i + j]) * static_cast<acc_t>(b[i + j]);
-  }
-  acc_t tail = 0;
-  for (; i < n; ++i) tail += static_cast<acc_t>(a[i]) * static_cast<acc_t>(b[i]);
-  return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail;
+QLayout q_layout(const at::Tensor& q, const char* op) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  if (q.is_contiguous()) return {H * D, 1, false};
+  const bool batch_minor = q.stride(0) == 1 && q.stride(2) == B && q.stride(1) == D * B;
+  TORCH_CHECK(batch_minor, op, ": q must be contiguous (B, H, D), or the (B, H, D) view of a contiguous (H*D, B) ",
+              "tensor; got shape ", q.sizes(), " with strides ", q.strides());
+  return {1, B, true};
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& keys, const char* op) {
   TORCH_CHECK(q.device().is_cpu() && keys.device().is_cpu(), op, " (CPU kernel): q and keys must be CPU tensors");
   GF_CHECK_DIM(q, 3, "q (B, H, D)");
   GF_CHECK_DIM(keys, 3, "keys (K, H, D)");
-  GF_CHECK_CONTIGUOUS(q, "q");
   GF_CHECK_CONTIGUOUS(keys, "keys");
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, op,
               ": q must be float32 or float64, got ", q.scalar_type());
@@ -58,53 +55,174 @@ void check_inputs(const at::Tensor& q, const at::Tensor& keys, const char* op) {
               ": q and keys must be non-empty, got ", q.sizes(), " and ", keys.sizes());
 }
 
-// Norms of every (expert, head) key, computed once per call: (K * H).
+// An output with q's shape and layout (poisoned on request, see outputs.h).
+at::Tensor like_q(const at::Tensor& q, const QLayout& layout) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  if (!layout.batch_minor) return new_output(q.sizes(), q.options());
+  return new_output({H * D, B}, q.options()).t().view({B, H, D});
+}
+
+// Heads run in parallel only when a head's share of the work is worth a thread wake-up: the
+// step-2 shapes (B = 36, K = 3, D = 512) are a few hundred thousand multiply-adds per call, faster
+// on one thread (a parallel region costs more, and far more on a loaded machine).
+constexpr int64_t kWorkPerChunk = 1 << 20;
+
+int64_t head_grain(int64_t B, int64_t K, int64_t D) {
+  return std::max<int64_t>(1, kWorkPerChunk / std::max<int64_t>(1, B * (K + 1) * D));
+}
+
+// The per-head loops are compiled for AVX-512 / AVX2 / baseline with runtime selection (the
+// extension itself targets the baseline ISA); they run over the batch, unit stride in the
+// batch-minor layout (kBatchMinor: known at compile time, so the loops vectorise).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define GF_CMATTN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define GF_CMATTN_CLONES
+#endif
+
+// sum_b a[b] * x[b * stride] in eight independent lanes (vectorised, no serial add chain)
+template <typename scalar_t, typename acc_t>
+inline acc_t strided_dot(const acc_t* a, const scalar_t* x, int64_t stride, int64_t n) {
+  acc_t lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) lanes[j] += a[i + j] * static_cast<acc_t>(x[(i + j) * stride]);
+  }
+  acc_t tail = 0;
+  for (; i < n; ++i) tail += a[i] * static_cast<acc_t>(x[i * stride]);
+  return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail;
+}
+
+// Head h: nrm[b] = ||q_{b,h}||^2 and dk[k * B + b] = q_{b,h} . key_{k,h} (sums over d in order).
+template <typename scalar_t, typename acc_t, bool kBatchMinor>
+GF_CMATTN_CLONES void head_statistics(const scalar_t* q, int64_t sb_runtime, int64_t sd, const scalar_t* keys,
+                                      int64_t h, int64_t B, int64_t H, int64_t K, int64_t D, acc_t* nrm, acc_t* dk) {
+  const int64_t sb = kBatchMinor ? 1 : sb_runtime;
+  for (int64_t b = 0; b < B; ++b) nrm[b] = 0;
+  for (int64_t i = 0; i < K * B; ++i) dk[i] = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    const scalar_t* col = q + (h * D + d) * sd;
+    for (int64_t b = 0; b < B; ++b) {
+      const acc_t x = static_cast<acc_t>(col[b * sb]);
+      nrm[b] += x * x;
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      acc_t* __restrict__ dkk = dk + k * B;
+      const acc_t kv = static_cast<acc_t>(keys[(k * H + h) * D + d]);
+      for (int64_t b = 0; b < B; ++b) dkk[b] += static_cast<acc_t>(col[b * sb]) * kv;
+    }
+  }
+}
+
+// Per-head statistics of every sample: dot[(b * H + h) * K + k] = q_{b,h} . key_{k,h} and
+// qnorm[b * H + h] = ||q_{b,h}||.
+template <typename scalar_t, typename acc_t>
+void row_statistics(const scalar_t* q, const QLayout& L, const scalar_t* keys, int64_t B, int64_t H, int64_t K,
+                    int64_t D, acc_t* dot, acc_t* qnorm) {
+  at::parallel_for(0, H, head_grain(B, K, D), [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> nrm(B), dk(K * B);
+    for (int64_t h = lo; h < hi; ++h) {
+      if (L.batch_minor) {
+        head_statistics<scalar_t, acc_t, true>(q, L.sb, L.sd, keys, h, B, H, K, D, nrm.data(), dk.data());
+      } else {
+        head_statistics<scalar_t, acc_t, false>(q, L.sb, L.sd, keys, h, B, H, K, D, nrm.data(), dk.data());
+      }
+      for (int64_t b = 0; b < B; ++b) {
+        qnorm[b * H + h] = std::sqrt(nrm[b]);
+        for (int64_t k = 0; k < K; ++k) dot[(b * H + h) * K + k] = dk[k * B + b];
+      }
+    }
+  });
+}
+
+// Norms of every (expert, head) key: (K * H).
 template <typename scalar_t, typename acc_t>
 std::vector<acc_t> key_norms(const scalar_t* keys, int64_t KH, int64_t D) {
   std::vector<acc_t> norms(KH);
-  at::parallel_for(0, KH, grain_for(D), [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) norms[i] = std::sqrt(dot_lanes<scalar_t, acc_t>(keys + i * D, keys + i * D, D));
-  });
+  std::vector<acc_t> row(D);
+  for (int64_t i = 0; i < KH; ++i) {
+    for (int64_t d = 0; d < D; ++d) row[d] = static_cast<acc_t>(keys[i * D + d]);
+    norms[i] = std::sqrt(strided_dot<scalar_t, acc_t>(row.data(), keys + i * D, 1, D));
+  }
   return norms;
 }
 
-// Scores of one (sample, head) row into s (softmax probabilities on return), dots into dot.
-template <typename scalar_t, typename acc_t>
-acc_t row_probabilities(bool cosine, const scalar_t* qrow, const scalar_t* keys, const acc_t* knorm, int64_t K,
-                        int64_t H, int64_t h, int64_t D, acc_t sqrt_d, acc_t* dot, acc_t* s) {
-  const acc_t q_norm = std::sqrt(dot_lanes<scalar_t, acc_t>(qrow, qrow, D));
+// Softmax probabilities of one (sample, head) row from its dots and norms.
+template <typename acc_t>
+void row_probabilities(bool cosine, const acc_t* dot, acc_t q_norm, const acc_t* knorm, int64_t K, int64_t H,
+                       int64_t h, acc_t sqrt_d, acc_t* s) {
   const acc_t mq = cmattn_clamp_norm(q_norm);
-  for (int64_t k = 0; k < K; ++k) {
-    dot[k] = dot_lanes<scalar_t, acc_t>(qrow, keys + (k * H + h) * D, D);
-    s[k] = cmattn_score(cosine, dot[k], mq, cmattn_clamp_norm(knorm[k * H + h]), sqrt_d);
-  }
+  for (int64_t k = 0; k < K; ++k) s[k] = cmattn_score(cosine, dot[k], mq, cmattn_clamp_norm(knorm[k * H + h]), sqrt_d);
   cmattn_softmax(s, K);
-  return q_norm;
+}
+
+// Head h: dq_{b,h} = qw_b q_{b,h} + sum_k coef_{k,b} key_{k,h} (dq in q's layout) and
+// dkey_{k,h} = self_k key_{k,h} + sum_b coef_{k,b} q_{b,h}; row (B) is scratch.
+template <typename scalar_t, typename acc_t, bool kBatchMinor>
+GF_CMATTN_CLONES void head_gradients(const scalar_t* qp, int64_t sb_runtime, int64_t sd, const scalar_t* kp,
+                                     const acc_t* qw, const acc_t* coef, const acc_t* self, int64_t h, int64_t B,
+                                     int64_t H, int64_t K, int64_t D, acc_t* __restrict__ row, scalar_t* dqp,
+                                     scalar_t* dkp) {
+  const int64_t sb = kBatchMinor ? 1 : sb_runtime;
+  for (int64_t d = 0; d < D; ++d) {
+    const scalar_t* col = qp + (h * D + d) * sd;
+    scalar_t* dcol = dqp + (h * D + d) * sd;
+    for (int64_t b = 0; b < B; ++b) row[b] = qw[b] * static_cast<acc_t>(col[b * sb]);
+    for (int64_t k = 0; k < K; ++k) {
+      const acc_t* ck = coef + k * B;
+      const acc_t kv = static_cast<acc_t>(kp[(k * H + h) * D + d]);
+      for (int64_t b = 0; b < B; ++b) row[b] += ck[b] * kv;
+      dkp[(k * H + h) * D + d] = static_cast<scalar_t>(self[k] * kv + strided_dot<scalar_t, acc_t>(ck, col, sb, B));
+    }
+    for (int64_t b = 0; b < B; ++b) dcol[b * sb] = static_cast<scalar_t>(row[b]);
+  }
+}
+
+// Every head's gradients from the per-row coefficients of cmattn_backward_cpu: coef (h, k, b),
+// q_weight (h, b), key_sum (k, h).
+template <typename scalar_t, typename acc_t>
+void assemble_gradients(bool cosine, const scalar_t* qp, const QLayout& L, const scalar_t* kp, const acc_t* knorm,
+                        const acc_t* coef, const acc_t* q_weight, const acc_t* key_sum, int64_t B, int64_t H, int64_t K,
+                        int64_t D, scalar_t* dqp, scalar_t* dkp) {
+  at::parallel_for(0, H, head_grain(B, K, D), [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> row(B), self(K);
+    for (int64_t h = lo; h < hi; ++h) {
+      for (int64_t k = 0; k < K; ++k) self[k] = cmattn_key_self_weight(cosine, key_sum[k * H + h], knorm[k * H + h]);
+      const acc_t* qw = q_weight + h * B;
+      const acc_t* ch = coef + h * K * B;
+      if (L.batch_minor) {
+        head_gradients<scalar_t, acc_t, true>(qp, L.sb, L.sd, kp, qw, ch, self.data(), h, B, H, K, D, row.data(), dqp,
+                                              dkp);
+      } else {
+        head_gradients<scalar_t, acc_t, false>(qp, L.sb, L.sd, kp, qw, ch, self.data(), h, B, H, K, D, row.data(),
+                                               dqp, dkp);
+      }
+    }
+  });
 }
 
 at::Tensor cmattn_forward_cpu(const at::Tensor& q, const at::Tensor& keys, bool cosine) {
   check_inputs(q, keys, "cmattn_forward");
+  const QLayout L = q_layout(q, "cmattn_forward");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), K = keys.size(0);
   at::Tensor out = new_output({B, K}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cmattn_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* kp = keys.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const acc_t sqrt_d = std::sqrt(static_cast<acc_t>(D));
     const std::vector<acc_t> knorm = key_norms<scalar_t, acc_t>(kp, K * H, D);
-    at::parallel_for(0, B, grain_for(H * (K + 1) * D), [&](int64_t lo, int64_t hi) {
-      std::vector<acc_t> s(K), dot(K), acc(K);
-      for (int64_t b = lo; b < hi; ++b) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t h = 0; h < H; ++h) {
-          row_probabilities<scalar_t, acc_t>(cosine, qp + (b * H + h) * D, kp, knorm.data(), K, H, h, D, sqrt_d,
-                                             dot.data(), s.data());
-          for (int64_t k = 0; k < K; ++k) acc[k] += s[k];
-        }
-        for (int64_t k = 0; k < K; ++k) op[b * K + k] = static_cast<scalar_t>(acc[k] / static_cast<acc_t>(H));
+    std::vector<acc_t> dot(B * H * K), qnorm(B * H), s(K), acc(K);
+    row_statistics<scalar_t, acc_t>(q.data_ptr<scalar_t>(), L, kp, B, H, K, D, dot.data(), qnorm.data());
+    for (int64_t b = 0; b < B; ++b) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t h = 0; h < H; ++h) {
+        row_probabilities<acc_t>(cosine, dot.data() + (b * H + h) * K, qnorm[b * H + h], knorm.data(), K, H, h, sqrt_d,
+                                 s.data());
+        for (int64_t k = 0; k < K; ++k) acc[k] += s[k];
       }
-    });
+      for (int64_t k = 0; k < K; ++k) op[b * K + k] = static_cast<scalar_t>(acc[k] / static_cast<acc_t>(H));
+    }
   });
   return out;
 }
@@ -112,6 +230,7 @@ at::Tensor cmattn_forward_cpu(const at::Tensor& q, const at::Tensor& keys, bool 
 std::tuple<at::Tensor, at::Tensor> cmattn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q,
                                                         const at::Tensor& keys, bool cosine) {
   check_inputs(q, keys, "cmattn_backward");
+  const QLayout L = q_layout(q, "cmattn_backward");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), K = keys.size(0);
   TORCH_CHECK(grad_out.device().is_cpu(), "cmattn_backward (CPU kernel): grad_out must be a CPU tensor");
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({B, K}), "cmattn_backward: grad_out must have shape (", B, ", ", K,
@@ -119,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor> cmattn_backward_cpu(const at::Tensor& grad_ou
   TORCH_CHECK(grad_out.scalar_type() == q.scalar_type(), "cmattn_backward: grad_out must have q's dtype ",
               q.scalar_type(), ", got ", grad_out.scalar_type());
   GF_CHECK_CONTIGUOUS(grad_out, "grad_out");
-  at::Tensor dq = new_output(q.sizes(), q.options());
+  at::Tensor dq = like_q(q, L);
   at::Tensor dkey = new_output(keys.sizes(), keys.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cmattn_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -130,54 +249,34 @@ std::tuple<at::Tensor, at::Tensor> cmattn_backward_cpu(const at::Tensor& grad_ou
     scalar_t* dkp = dkey.data_ptr<scalar_t>();
     const acc_t sqrt_d = std::sqrt(static_cast<acc_t>(D));
     const std::vector<acc_t> knorm = key_norms<scalar_t, acc_t>(kp, K * H, D);
-    // per (b, h, k): weight of q_{b,h} in dkey_{k,h}, and the row's share of dkey_k's self term
-    std::vector<acc_t> coef(B * H * K), key_term(B * H * K);
+    std::vector<acc_t> dot(B * H * K), qnorm(B * H);
+    row_statistics<scalar_t, acc_t>(qp, L, kp, B, H, K, D, dot.data(), qnorm.data());
 
-    // Phase 1, rows: recompute the probabilities, then dq and the per-row coefficients.
-    at::parallel_for(0, B, grain_for(H * (2 * K + 2) * D), [&](int64_t lo, int64_t hi) {
-      std::vector<acc_t> a(K), dot(K), g(K), ds(K), kn(K), row(D);
-      for (int64_t b = lo; b < hi; ++b) {
+    // Per (sample, head) row: probabilities, then the score / softmax / head-mean backward.
+    // coef (h, k, b): weight of key_{k,h} in dq_{b,h} and of q_{b,h} in dkey_{k,h}; q_weight (h, b):
+    // weight of q_{b,h} in dq_{b,h}; key_sum (k, h): sum_b of the rows' key terms.
+    std::vector<acc_t> coef(H * K * B), q_weight(H * B), key_sum(K * H, acc_t(0));
+    {
+      std::vector<acc_t> a(K), g(K), ds(K), kn(K), c(K), key_term(K);
+      for (int64_t b = 0; b < B; ++b) {
         for (int64_t k = 0; k < K; ++k) g[k] = static_cast<acc_t>(gp[b * K + k]) / static_cast<acc_t>(H);
         for (int64_t h = 0; h < H; ++h) {
-          const scalar_t* qrow = qp + (b * H + h) * D;
-          const acc_t q_norm = row_probabilities<scalar_t, acc_t>(cosine, qrow, kp, knorm.data(), K, H, h, D,
-                                                                  sqrt_d, dot.data(), a.data());
+          const acc_t* row_dot = dot.data() + (b * H + h) * K;
+          row_probabilities<acc_t>(cosine, row_dot, qnorm[b * H + h], knorm.data(), K, H, h, sqrt_d, a.data());
           cmattn_softmax_backward(a.data(), g.data(), ds.data(), K);
           for (int64_t k = 0; k < K; ++k) kn[k] = knorm[k * H + h];
-          acc_t* c = coef.data() + (b * H + h) * K;
-          const acc_t q_weight = cmattn_row_backward(cosine, ds.data(), dot.data(), kn.data(), q_norm, sqrt_d, K, c,
-                                                     key_term.data() + (b * H + h) * K);
-          for (int64_t d = 0; d < D; ++d) row[d] = q_weight * static_cast<acc_t>(qrow[d]);
+          q_weight[h * B + b] = cmattn_row_backward(cosine, ds.data(), row_dot, kn.data(), qnorm[b * H + h], sqrt_d,
+                                                    K, c.data(), key_term.data());
           for (int64_t k = 0; k < K; ++k) {
-            const scalar_t* krow = kp + (k * H + h) * D;
-            const acc_t ck = c[k];
-            for (int64_t d = 0; d < D; ++d) row[d] += ck * static_cast<acc_t>(krow[d]);
+            coef[(h * K + k) * B + b] = c[k];
+            key_sum[k * H + h] += key_term[k];
           }
-          scalar_t* out_row = dqp + (b * H + h) * D;
-          for (int64_t d = 0; d < D; ++d) out_row[d] = static_cast<scalar_t>(row[d]);
         }
       }
-    });
+    }
 
-    // Phase 2, keys: each (expert, head) sums its coefficients over the batch (no races, fixed order).
-    at::parallel_for(0, K * H, grain_for(B * D), [&](int64_t lo, int64_t hi) {
-      std::vector<acc_t> row(D);
-      for (int64_t kh = lo; kh < hi; ++kh) {
-        const int64_t k = kh / H, h = kh % H;
-        acc_t term_sum = 0;
-        for (int64_t b = 0; b < B; ++b) term_sum += key_term[(b * H + h) * K + k];
-        const acc_t self_weight = cmattn_key_self_weight(cosine, term_sum, knorm[kh]);
-        const scalar_t* krow = kp + kh * D;
-        for (int64_t d = 0; d < D; ++d) row[d] = self_weight * static_cast<acc_t>(krow[d]);
-        for (int64_t b = 0; b < B; ++b) {
-          const acc_t cb = coef[(b * H + h) * K + k];
-          const scalar_t* qrow = qp + (b * H + h) * D;
-          for (int64_t d = 0; d < D; ++d) row[d] += cb * static_cast<acc_t>(qrow[d]);
-        }
-        scalar_t* out_row = dkp + kh * D;
-        for (int64_t d = 0; d < D; ++d) out_row[d] = static_cast<scalar_t>(row[d]);
-      }
-    });
+    assemble_gradients<scalar_t, acc_t>(cosine, qp, L, kp, knorm.data(), coef.data(), q_weight.data(), key_sum.data(), B,
+                                        H, K, D, dqp, dkp);
   });
   return {dq, dkey};
 }

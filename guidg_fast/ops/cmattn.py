@@ -11,9 +11,13 @@ f and T get gradients only when they require grad (CrossModalAttention detaches 
 training step skips those two GEMMs).
 
 Backends: Triton (kernels/cmattn.py), the C++/CUDA extension (csrc/{cpu,cuda}/cmattn.*), or the
-eager reference. The fused backends run through the torch.library custom ops
-``guidg_fast::fused_cmattn`` / ``guidg_fast::fused_cmattn_backward`` so torch.compile traces a
-training step without a graph break. Half-precision inputs are computed in fp32 and cast back.
+eager reference. With the extension the whole op -- GEMMs, fused kernels and the autograd formula
+-- is one C++ operator, ``guidg_fast::cmattn`` (csrc/autograd/cmattn.cpp): at step-2 shapes the
+Python composition of the same calls cost a few hundred microseconds per step. On the CPU it runs
+the v-projection as (H*D, D) x (D, B) and hands the kernels q in that batch-minor layout. Under
+torch.compile the torch.library custom ops ``guidg_fast::fused_cmattn`` /
+``guidg_fast::fused_cmattn_backward`` are traced instead (no graph break); for the extension they
+call the same C++ halves. Half-precision inputs are computed in fp32 and cast back.
 """
 from __future__ import annotations
 
@@ -36,6 +40,22 @@ if _backend.load_extension() is not None:
     @torch.library.register_fake("guidg_fast::cmattn_backward")
     def _cmattn_backward_fake(grad_out, q, keys, cosine):
         return torch.empty_like(q), torch.empty_like(keys)
+
+    @torch.library.register_fake("guidg_fast::cmattn")
+    def _cmattn_fake(f, T, wv, bv, wt, bt, cosine):
+        return f.new_empty((f.shape[0], T.shape[0]))
+
+    @torch.library.register_fake("guidg_fast::cmattn_fused_forward")
+    def _cmattn_fused_forward_fake(f, T, wv, bv, wt, bt, cosine):
+        out, q, keys = _fused_cmattn_fake(f, T, wv, bv, wt, bt, "cosine" if cosine else "dotproduct", "ext")
+        if f.device.type == "cpu":  # the batch-minor view of an (H*D, B) product, as the CPU kernels use it
+            B, H, D = q.shape
+            q = q.new_empty((H * D, B)).t().view(B, H, D)
+        return out, q, keys
+
+    @torch.library.register_fake("guidg_fast::cmattn_fused_backward")
+    def _cmattn_fused_backward_fake(grad_out, f, T, wv, wt, q, keys, cosine, needs):
+        return list(_fused_cmattn_backward_fake(grad_out, f, T, wv, wt, q, keys, None, "ext", needs))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -67,6 +87,10 @@ def _check_backend(backend: str) -> None:
 
 def _forward_impl(f: Tensor, T: Tensor, wv: Tensor, bv: Tensor, wt: Tensor, bt: Tensor, metric: str, backend: str):
     _check_backend(backend)
+    if backend == "ext":  # the same composition in C++ (csrc/autograd/cmattn.cpp)
+        out, q, keys = torch.ops.guidg_fast.cmattn_fused_forward(f, T, wv, bv, wt, bt, metric == "cosine")
+        # on the CPU q is a batch-minor view; inductor expects a custom op's outputs to be contiguous
+        return out, q.contiguous(), keys
     out_dtype, dtype = f.dtype, _compute_dtype(f.dtype)
     if dtype != out_dtype:
         f, T, wv, bv, wt, bt = (x.to(dtype) for x in (f, T, wv, bv, wt, bt))
@@ -99,6 +123,8 @@ def _fused_cmattn_fake(f, T, wv, bv, wt, bt, metric, backend):
 
 def _backward_impl(grad_out, f, T, wv, wt, q, keys, metric: str, backend: str, needs):
     _check_backend(backend)
+    if backend == "ext":
+        return tuple(torch.ops.guidg_fast.cmattn_fused_backward(grad_out, f, T, wv, wt, q, keys, metric == "cosine", needs))
     dtype, grad_dtype = q.dtype, f.dtype  # every argument shares f's dtype (checked at the boundary)
     if f.dtype != dtype:
         f, T, wv, wt = (x.to(dtype) for x in (f, T, wv, wt))
@@ -197,4 +223,6 @@ def cross_modal_attention(f, T, wv, bv, wt, bt, metric: str = "cosine") -> torch
         return reference.cross_modal_attention(f, T, wv, bv, wt, bt, metric)
     if torch.compiler.is_compiling():
         return torch.ops.guidg_fast.fused_cmattn(f, T, wv, bv, wt, bt, metric, backend)[0]
+    if backend == "ext":  # GEMMs, kernels and autograd formula all in C++: no per-step Python work
+        return torch.ops.guidg_fast.cmattn(f, T, wv, bv, wt, bt, metric == "cosine")
     return _EagerFusedCmattn.apply(f, T, wv, bv, wt, bt, metric, backend)

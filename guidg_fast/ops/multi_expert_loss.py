@@ -178,6 +178,10 @@ if _backend.load_extension() is not None:
     def _ext_forward_fake(f, T, y, w, temperature, margin, entropy_weight, need_o):
         return tuple(f.new_empty(shape) for shape in _forward_shapes(f, T, entropy_weight, need_o))
 
+    @torch.library.register_fake("guidg_fast::multi_expert_loss")
+    def _ext_loss_fake(f, T, y, w, temperature, margin, entropy_weight):
+        return f.new_empty(())
+
     @torch.library.register_fake("guidg_fast::multi_expert_loss_backward")
     def _ext_backward_fake(grad, f, T, y, w, lse, ce, o, pbar, temperature, margin, entropy_weight, need_f, need_T, need_w):
         return _fused_backward_fake(
@@ -206,6 +210,9 @@ def multi_expert_loss(f, T, y, w, temperature, margin: float = 0.0, entropy_weig
     tau_tensor = None
     if tau is None:  # a tensor temperature while tracing: read inside the fused op
         tau, tau_tensor = 1.0, temperature.detach().reshape(())
+    elif backend == "ext" and not compiling:
+        # dtype handling, both kernels and the autograd formula in C++ (csrc/autograd/multi_expert_loss.cpp)
+        return torch.ops.guidg_fast.multi_expert_loss(f, T, y, w, tau, margin, entropy_weight)
     dtype = f.dtype if f.dtype in _COMPUTE_DTYPES else torch.float32  # fp16 / bf16 compute in fp32
     f_c, T_c, w_c = (x.to(dtype).contiguous() for x in (f, T, w))
     y_c = y.to(torch.int64).contiguous()
