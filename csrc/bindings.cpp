@@ -70,6 +70,12 @@ TORCH_LIBRARY(guidg_fast, m) {
   m.def("prefix_attention_forward(Tensor q, Tensor k, Tensor v, Tensor k_prefix, Tensor v_prefix, float scale) -> (Tensor, Tensor)");
   // Returns dq, dk, dv (K, M, S, H, Dh) and dk_prefix, dv_prefix (K, P, H, Dh), summed over the M sequences.
   m.def("prefix_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor k_prefix, Tensor v_prefix, Tensor out, Tensor lse, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Every suffix group of a text pass at once (CPU): qkv (T, 3, H, Dh) the fused QKV projection of
+  // the T packed suffix tokens, groups = [first token, M, S] per group (back to back, K * M * S
+  // tokens each). Returns out (T, H, Dh) and lse (T * H,); the backward returns dqkv (T, 3, H, Dh)
+  // and dk_prefix, dv_prefix summed over all groups.
+  m.def("prefix_attention_packed_forward(Tensor qkv, Tensor k_prefix, Tensor v_prefix, int[] groups, float scale) -> (Tensor, Tensor)");
+  m.def("prefix_attention_packed_backward(Tensor grad_out, Tensor qkv, Tensor k_prefix, Tensor v_prefix, Tensor out, Tensor lse, int[] groups, float scale) -> (Tensor, Tensor, Tensor)");
 
   // --- eot_project ---
   // normalize(layer_norm(x[n, eot_index[n]]) @ proj): returns out (N, D), xhat (N, W) (normalised EOT

@@ -153,6 +153,13 @@ class _Block:
         scale = float(attn.scale) if custom else head_dim ** -0.5
         return cls(block, custom, heads, head_dim, scale)
 
+    def packed_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """ln_1 and the QKV projection of tokens x (..., W) -> (..., 3, H, Dh), one GEMM for all three
+        (no per-head q / k norm: only for blocks where ``custom`` is False)."""
+        attn = self.block.attn
+        qkv = F.linear(self.block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+        return qkv.view(x.shape[:-1] + (3, self.heads, self.head_dim))
+
     def qkv(self, x: torch.Tensor):
         """ln_1 and the QKV projection of tokens x (..., W) -> q, k, v (..., H, Dh).
 
@@ -334,16 +341,19 @@ def shared_prefix_encode(model, learner) -> torch.Tensor:
     x = source.index_select(0, plan.token_rows) + pos.index_select(0, plan.token_positions)
     last = len(blocks) - 1
     for i, blk in enumerate(blocks):
-        q, k, v = blk.qkv(x)  # (T, H, Dh)
         kp, vp = prefix_kv[i]
-        # split (not slicing): its backward is one cat, where each slice's would be a full-size zero fill
-        sizes = plan.group_sizes
-        outs = []
-        for (_, Cg, S), qg, kg, vg in zip(plan.groups, q.split(sizes), k.split(sizes), v.split(sizes)):
-            shape = (K, Cg, S, blk.heads, blk.head_dim)
-            o = ops.prefix_attention(qg.view(shape), kg.view(shape), vg.view(shape), kp, vp, scale=blk.scale)
-            outs.append(o.reshape(K * Cg * S, blk.heads, blk.head_dim))
-        o = outs[0] if len(outs) == 1 else torch.cat(outs)
+        if not blk.custom:  # every group in one call, on the QKV projection as it comes out of its GEMM
+            o = ops.prefix_attention_packed(blk.packed_qkv(x), kp, vp, plan.groups, scale=blk.scale)
+        else:
+            q, k, v = blk.qkv(x)  # (T, H, Dh), after the per-head q / k norms
+            # split (not slicing): its backward is one cat, where each slice's would be a full-size zero fill
+            sizes = plan.group_sizes
+            outs = []
+            for (_, Cg, S), qg, kg, vg in zip(plan.groups, q.split(sizes), k.split(sizes), v.split(sizes)):
+                shape = (K, Cg, S, blk.heads, blk.head_dim)
+                o = ops.prefix_attention(qg.view(shape), kg.view(shape), vg.view(shape), kp, vp, scale=blk.scale)
+                outs.append(o.reshape(K * Cg * S, blk.heads, blk.head_dim))
+            o = outs[0] if len(outs) == 1 else torch.cat(outs)
         if i == last:  # only the EOT rows feed the output
             x, o = x.index_select(0, plan.eot_tokens), o.index_select(0, plan.eot_tokens)
         x = blk.mlp_residual(blk.attention_residual(x, o))

@@ -393,3 +393,88 @@ def test_prefix_attention_and_eot_project_cuda():
             assert_close(out, want, f"{backend} out {shape}", tol=1e-4)
             for name, a, e in zip(("x", "ln_weight", "ln_bias", "proj"), grads, want_grads):
                 assert_close(a, e, f"{backend} grad {name} {shape}", tol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# prefix_attention_packed: every suffix group of a text pass in one call
+
+# (K, P, H, Dh, [(M, S) per group]): the text pass's layout (groups of classes by suffix length),
+# odd sizes, one group, S past a key tile, P = 1 and a prefix of exactly one tile
+PACKED_CASES = [
+    (3, 17, 8, 64, [(4, 3), (5, 4), (2, 5), (1, 9)]),
+    (2, 4, 3, 24, [(3, 1), (1, 2), (2, 7)]),
+    (1, 1, 1, 33, [(2, 19)]),
+    (2, 16, 2, 16, [(1, 1), (3, 18)]),
+]
+
+
+def _packed_inputs(case, dtype=torch.float32):
+    K, P, H, Dh, shapes = case
+    groups, t = [], 0
+    for M, S in shapes:
+        groups.append((t, M, S))
+        t += K * M * S
+    qkv = torch.randn(t, 3, H, Dh, dtype=dtype, requires_grad=True)
+    kvp = torch.randn(K, P, 2, H, Dh, dtype=dtype)
+    kp, vp = (x.detach().requires_grad_() for x in kvp.unbind(2))  # strided views, as the text pass has them
+    return qkv, kp, vp, groups
+
+
+def _packed_by_groups(qkv, kp, vp, groups):
+    """The oracle: the eager prefix attention group by group on slices of qkv."""
+    K, _, H, Dh = kp.shape
+    outs = []
+    for t0, M, S in groups:
+        part = qkv[t0 : t0 + K * M * S]
+        q, k, v = (part[:, i].reshape(K, M, S, H, Dh) for i in range(3))
+        outs.append(ops.prefix_attention_eager(q, k, v, kp, vp).reshape(K * M * S, H, Dh))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("backend", cpu_backends("prefix_attention"))
+@pytest.mark.parametrize("case", PACKED_CASES, ids=lambda c: f"K{c[0]}P{c[1]}H{c[2]}D{c[3]}G{len(c[4])}")
+def test_packed_matches_per_group_eager(backend, case, monkeypatch):
+    if backend == "triton" and case[3] == 64:
+        pytest.skip("the Triton interpreter is slow: small heads only")
+    monkeypatch.setenv("GUIDG_FAST_POISON", "1")
+    qkv, kp, vp, groups = _packed_inputs(case)
+    grad_out = torch.randn(qkv.shape[0], case[2], case[3])
+    expected = _packed_by_groups(qkv, kp, vp, groups)
+    ref_grads = torch.autograd.grad(expected, (qkv, kp, vp), grad_out)
+    with ops.use_backend(backend):
+        out = ops.prefix_attention_packed(qkv, kp, vp, groups)
+    grads = torch.autograd.grad(out, (qkv, kp, vp), grad_out)
+    assert_close(out, expected, "out")
+    for name, g, r in zip(("dqkv", "dk_prefix", "dv_prefix"), grads, ref_grads):
+        assert_close(g, r, name)
+
+
+@pytest.mark.skipif("ext" not in _backend.available("prefix_attention", "cpu"), reason="guidg_fast._C not built")
+def test_packed_cpu_kernels_run_and_gradcheck():
+    case = (2, 3, 2, 5, [(2, 2), (1, 3)])
+    qkv, kp, vp, groups = _packed_inputs(case, dtype=torch.float64)
+    with torch.profiler.profile() as prof, ops.use_backend("ext"):
+        ops.prefix_attention_packed(qkv, kp, vp, groups).sum().backward()
+    ran = {e.name for e in prof.events()}
+    assert {"guidg_fast::prefix_attention_packed_forward", "guidg_fast::prefix_attention_packed_backward"} <= ran
+    with ops.use_backend("ext"):
+        assert torch.autograd.gradcheck(lambda *a: ops.prefix_attention_packed(*a, groups), (qkv, kp, vp))
+    flat = [x for g in groups for x in g]
+    torch.library.opcheck(torch.ops.guidg_fast.prefix_attention_packed_forward.default,
+                          (qkv.detach(), kp.detach(), vp.detach(), flat, 0.5))
+
+
+def test_packed_bad_inputs():
+    qkv, kp, vp, groups = _packed_inputs((2, 3, 2, 8, [(2, 2), (1, 3)]))
+    with pytest.raises(ValueError, match="qkv must have shape"):
+        ops.prefix_attention_packed(qkv[:, :2], kp, vp, groups)
+    with pytest.raises(ValueError, match=r"groups\[1\] must be \(first token 8"):
+        ops.prefix_attention_packed(qkv, kp, vp, [(0, 2, 2), (7, 1, 3)])
+    with pytest.raises(ValueError, match="groups cover 8 tokens"):
+        ops.prefix_attention_packed(qkv, kp, vp, groups[:1])
+    with pytest.raises(ValueError, match="k_prefix"):
+        ops.prefix_attention_packed(qkv, kp[:, :, :1], vp, groups)
+    if "ext" in _backend.available("prefix_attention", "cpu"):
+        with pytest.raises(RuntimeError, match="must start at token"):
+            torch.ops.guidg_fast.prefix_attention_packed_forward(qkv.detach(), kp.detach(), vp.detach(),
+                                                                 [0, 2, 2, 9, 1, 3], 0.5)

@@ -42,15 +42,19 @@ def _one_thread():
 
 def _run(model, learner, backend):
     """(features, ctx grad) of the fast pass under ``backend``; checks the fast path really ran."""
-    calls = {"prefix_attention": 0}
-    original = ops.prefix_attention
+    calls = {"prefix_attention": 0, "prefix_attention_packed": 0}
+    originals = {name: getattr(ops, name) for name in calls}
 
-    def counting(*args, **kwargs):
-        calls["prefix_attention"] += 1
-        return original(*args, **kwargs)
+    def counting(name):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return originals[name](*args, **kwargs)
+
+        return call
 
     learner.ctx.grad = None
-    ops.prefix_attention = counting
+    for name in calls:
+        setattr(ops, name, counting(name))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # no silent fallback to the reference
@@ -61,8 +65,9 @@ def _run(model, learner, backend):
                 with _backend.use_backend(backend):
                     out = gf.encode_expert_prompts(model, learner)
     finally:
-        ops.prefix_attention = original
-    assert calls["prefix_attention"] > 0, "the shared-prefix pass did not run"
+        for name, original in originals.items():
+            setattr(ops, name, original)
+    assert sum(calls.values()) > 0, "the shared-prefix pass did not run"
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
     (out * grad_out).sum().backward()
     grad = learner.ctx.grad.clone()

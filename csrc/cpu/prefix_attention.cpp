@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -109,22 +110,26 @@ GF_ALWAYS_INLINE T dot(const T* a, const T* b, int64_t n) {
   return s;
 }
 
-// out[i][t] = <x_i, column t of the transposed tile> for the kQueryBlock rows x_i (row stride Dh)
-template <typename T, int W>
+// out[i][t] = <x_i, column t of the transposed tile> for the kQueryBlock rows x_i (row stride Dh).
+// NV: vectors of the tile row that hold keys (fewer than per_tile for a short last tile, e.g. the
+// 1 + S keys after a 16-key prefix tile); the other columns of out are set to 0.
+template <typename T, int W, int NV = Simd<T, W>::per_tile>
 GF_ALWAYS_INLINE void block_tile_dots(const T* x, const T* tile, int64_t Dh, Block<T, query_block(W)>& out) {
   using V = Simd<T, W>;
   constexpr int kQueryBlock = query_block(W);
-  typename V::vec acc[kQueryBlock][V::per_tile] = {};
+  typename V::vec acc[kQueryBlock][NV] = {};
   for (int64_t d = 0; d < Dh; ++d) {
-    typename V::vec col[V::per_tile];
-    for (int v = 0; v < V::per_tile; ++v) col[v] = V::load(tile + d * kKeyTile + v * V::lanes);
+    typename V::vec col[NV];
+    for (int v = 0; v < NV; ++v) col[v] = V::load(tile + d * kKeyTile + v * V::lanes);
     for (int i = 0; i < kQueryBlock; ++i) {
       const typename V::vec xd = V::splat(x[i * Dh + d]);
-      for (int v = 0; v < V::per_tile; ++v) acc[i][v] += xd * col[v];
+      for (int v = 0; v < NV; ++v) acc[i][v] += xd * col[v];
     }
   }
-  for (int i = 0; i < kQueryBlock; ++i)
-    for (int v = 0; v < V::per_tile; ++v) V::store(&out[i][v * V::lanes], acc[i][v]);
+  for (int i = 0; i < kQueryBlock; ++i) {
+    for (int v = 0; v < NV; ++v) V::store(&out[i][v * V::lanes], acc[i][v]);
+    for (int v = NV; v < V::per_tile; ++v) V::store(&out[i][v * V::lanes], typename V::vec{});
+  }
 }
 
 // acc_i[d] += sum_{t < n} w[i][t] * rows[t][d] for the kQueryBlock rows acc_i (row stride Dh):
@@ -152,22 +157,31 @@ GF_ALWAYS_INLINE void block_combine_rows(T* acc, const Block<T, query_block(W)>&
 }
 
 // tile[d][t] += sum_i x_i[d] * w[i][t]: dK = dS^T Q and dV = P^T dO, accumulated transposed
-template <typename T, int W>
+// (the first NV vectors of each tile row, as in block_tile_dots)
+template <typename T, int W, int NV = Simd<T, W>::per_tile>
 GF_ALWAYS_INLINE void block_tile_outer_add(const T* x, const Block<T, query_block(W)>& w, int64_t Dh, T* tile) {
   using V = Simd<T, W>;
   constexpr int kQueryBlock = query_block(W);
-  typename V::vec wv[kQueryBlock][V::per_tile];
+  typename V::vec wv[kQueryBlock][NV];
   for (int i = 0; i < kQueryBlock; ++i)
-    for (int v = 0; v < V::per_tile; ++v) wv[i][v] = V::load(&w[i][v * V::lanes]);
+    for (int v = 0; v < NV; ++v) wv[i][v] = V::load(&w[i][v * V::lanes]);
   for (int64_t d = 0; d < Dh; ++d) {
-    typename V::vec col[V::per_tile];
-    for (int v = 0; v < V::per_tile; ++v) col[v] = V::load(tile + d * kKeyTile + v * V::lanes);
+    typename V::vec col[NV];
+    for (int v = 0; v < NV; ++v) col[v] = V::load(tile + d * kKeyTile + v * V::lanes);
     for (int i = 0; i < kQueryBlock; ++i) {
       const typename V::vec xd = V::splat(x[i * Dh + d]);
-      for (int v = 0; v < V::per_tile; ++v) col[v] += xd * wv[i][v];
+      for (int v = 0; v < NV; ++v) col[v] += xd * wv[i][v];
     }
-    for (int v = 0; v < V::per_tile; ++v) V::store(tile + d * kKeyTile + v * V::lanes, col[v]);
+    for (int v = 0; v < NV; ++v) V::store(tile + d * kKeyTile + v * V::lanes, col[v]);
   }
+}
+
+// A tile whose keys all fit in the first vector of a tile row (the short dynamic tile after a
+// 16-key prefix tile: 1 + S keys for the 17-token [SOS, 16 x ctx] prefix) runs its micro-kernels on
+// that vector only.
+template <typename T, int W>
+GF_ALWAYS_INLINE bool narrow_tile(int64_t tile_size) {
+  return Simd<T, W>::per_tile > 1 && tile_size <= Simd<T, W>::lanes;
 }
 
 template <typename scalar_t>
@@ -216,12 +230,15 @@ struct Tiling {
   }
 };
 
-// dst[d * kKeyTile + t] = row(t)[d] for t in [t_begin, t_end)
+// dst[d * kKeyTile + t] = row(t)[d] for t in [t_begin, t_end). d outer: the stores run along the
+// tile's rows and each source row is read as a stream (t outer, storing down a tile column with
+// a 64-byte stride, was a quarter of the backward's time).
 template <typename T, typename RowFn>
 GF_ALWAYS_INLINE void transpose_rows(RowFn row, int64_t t_begin, int64_t t_end, int64_t Dh, T* dst) {
-  for (int64_t t = t_begin; t < t_end; ++t) {
-    const T* r = row(t);
-    for (int64_t d = 0; d < Dh; ++d) dst[d * kKeyTile + t] = r[d];
+  const T* rows[kKeyTile];
+  for (int64_t t = t_begin; t < t_end; ++t) rows[t] = row(t);
+  for (int64_t d = 0; d < Dh; ++d) {
+    for (int64_t t = t_begin; t < t_end; ++t) dst[d * kKeyTile + t] = rows[t][d];
   }
 }
 
@@ -303,7 +320,8 @@ GF_ALWAYS_INLINE void forward_tasks(const Inputs<T>& in, T* out, T* lse, int64_t
           const int64_t n_max = tiling.visible(tile, std::min(S - 1, s0 + kQueryBlock - 1));
           if (n_max == 0) continue;
           const int64_t j0 = tiling.first_key(tile);
-          block_tile_dots<T, W>(q, key_tiles + tile * tile_elems, Dh, sc);
+          if (narrow_tile<T, W>(tiling.size(tile))) block_tile_dots<T, W, 1>(q, key_tiles + tile * tile_elems, Dh, sc);
+          else block_tile_dots<T, W>(q, key_tiles + tile * tile_elems, Dh, sc);
           for (int i = 0; i < kQueryBlock; ++i) {
             const int64_t n = tiling.visible(tile, s0 + i < S ? s0 + i : -1);
             if (n == 0) {
@@ -377,9 +395,10 @@ struct Grads {
   const T* grad_out;  // dense (K, M, S, H, Dh)
   const T* out;       // dense
   const T* lse;       // dense (K, M, H, S)
-  T* dq;              // dense
+  T* dq;              // (K, M, S, H, Dh) with strides sdq (dense, or slices of a packed QKV gradient)
   T* dk;
   T* dv;
+  SuffixStrides sdq, sdk, sdv;
   T* dkp_partial;  // (chunks, K, P, H, Dh): prefix gradients summed over one m-chunk
   T* dvp_partial;
   int64_t m_chunk;
@@ -450,8 +469,14 @@ GF_ALWAYS_INLINE void backward_tasks(const Inputs<T>& in, const Grads<T>& g, int
             const int64_t n_max = tiling.visible(tile, std::min(S - 1, s0 + kQueryBlock - 1));
             if (n_max == 0) continue;
             const int64_t j0 = tiling.first_key(tile);
-            block_tile_dots<T, W>(q, key_tiles + tile * tile_elems, Dh, sc);
-            block_tile_dots<T, W>(dout, value_tiles + tile * tile_elems, Dh, dp);
+            const bool narrow = narrow_tile<T, W>(tiling.size(tile));
+            if (narrow) {
+              block_tile_dots<T, W, 1>(q, key_tiles + tile * tile_elems, Dh, sc);
+              block_tile_dots<T, W, 1>(dout, value_tiles + tile * tile_elems, Dh, dp);
+            } else {
+              block_tile_dots<T, W>(q, key_tiles + tile * tile_elems, Dh, sc);
+              block_tile_dots<T, W>(dout, value_tiles + tile * tile_elems, Dh, dp);
+            }
             for (int i = 0; i < kQueryBlock; ++i) {
               const int64_t n = tiling.visible(tile, s0 + i < S ? s0 + i : -1);
               // p = exp(scale * qk - lse) (recompute_probability), vectorised over the tile
@@ -461,11 +486,16 @@ GF_ALWAYS_INLINE void backward_tasks(const Inputs<T>& in, const Grads<T>& g, int
             }
             for (int64_t t = 0; t < n_max; ++t) rows[t] = key_ptr(in, k, m, h, j0 + t);
             block_combine_rows<T, W>(dq, ds, rows, n_max, Dh);
-            block_tile_outer_add<T, W>(q, ds, Dh, dkey_tiles + tile * tile_elems);
-            block_tile_outer_add<T, W>(dout, p, Dh, dvalue_tiles + tile * tile_elems);
+            if (narrow) {
+              block_tile_outer_add<T, W, 1>(q, ds, Dh, dkey_tiles + tile * tile_elems);
+              block_tile_outer_add<T, W, 1>(dout, p, Dh, dvalue_tiles + tile * tile_elems);
+            } else {
+              block_tile_outer_add<T, W>(q, ds, Dh, dkey_tiles + tile * tile_elems);
+              block_tile_outer_add<T, W>(dout, p, Dh, dvalue_tiles + tile * tile_elems);
+            }
           }
           for (int i = 0; i < kQueryBlock && s0 + i < S; ++i) {
-            T* dst = g.dq + dense_row(sh, k, m, s0 + i, h) * Dh;
+            T* dst = g.dq + suffix_offset(g.sdq, k, m, s0 + i, h);
             const T* src = dq + i * Dh;
 #pragma omp simd
             for (int64_t d = 0; d < Dh; ++d) dst[d] = scale * src[d];
@@ -476,13 +506,21 @@ GF_ALWAYS_INLINE void backward_tasks(const Inputs<T>& in, const Grads<T>& g, int
           const int64_t j0 = tiling.first_key(tile);
           T* dkt = dkey_tiles + tile * tile_elems;
           T* dvt = dvalue_tiles + tile * tile_elems;
-          for (int64_t t = tiling.prefix_columns(tile); t < tiling.size(tile); ++t) {
-            const int64_t dst = dense_row(sh, k, m, j0 + t - P, h) * Dh;
-            for (int64_t d = 0; d < Dh; ++d) {
-              g.dk[dst + d] = scale * dkt[d * kKeyTile + t];
-              g.dv[dst + d] = dvt[d * kKeyTile + t];
-              dkt[d * kKeyTile + t] = T(0);
-              dvt[d * kKeyTile + t] = T(0);
+          const int64_t t0 = tiling.prefix_columns(tile), t1 = tiling.size(tile);
+          T* dk_rows[kKeyTile];
+          T* dv_rows[kKeyTile];
+          for (int64_t t = t0; t < t1; ++t) {
+            dk_rows[t] = g.dk + suffix_offset(g.sdk, k, m, j0 + t - P, h);
+            dv_rows[t] = g.dv + suffix_offset(g.sdv, k, m, j0 + t - P, h);
+          }
+          for (int64_t d = 0; d < Dh; ++d) {  // along the tile rows (see transpose_rows)
+            T* krow = dkt + d * kKeyTile;
+            T* vrow = dvt + d * kKeyTile;
+            for (int64_t t = t0; t < t1; ++t) {
+              dk_rows[t][d] = scale * krow[t];
+              dv_rows[t][d] = vrow[t];
+              krow[t] = T(0);
+              vrow[t] = T(0);
             }
           }
         }
@@ -553,30 +591,83 @@ Inputs<scalar_t> make_inputs(const at::Tensor& q, const at::Tensor& k, const at:
           vp.data_ptr<scalar_t>(), st5(q),  st5(k), st5(v), st4(kp), st4(vp), shape, scale};
 }
 
+SuffixStrides suffix_strides(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+void check_cpu_dtype(const char* op, const at::Tensor& q) {
+  TORCH_CHECK(q.device().is_cpu(), op, " (CPU kernel): q must be a CPU tensor");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, op,
+              " (CPU kernel): q must be float32 or float64, got ", q.scalar_type());
+}
+
+// The forward of one (K, M, S, H, Dh) problem into dense out (K, M, S, H, Dh) / lse (K, M, H, S).
+template <typename scalar_t>
+void run_forward(const Inputs<scalar_t>& in, scalar_t* out, scalar_t* lse) {
+  const PrefixAttentionShape& sh = in.shape;
+  if (sh.K * sh.M * sh.H == 0 || sh.S == 0 || sh.Dh == 0) return;
+  // few, long tasks (8 per thread): the prefix tiles are transposed once per task
+  const TaskSplit split(sh, 8 * static_cast<int64_t>(at::get_num_threads()));
+  const Isa isa = cpu_isa();
+  at::parallel_for(0, split.n_chunks * sh.K, 1, [&](int64_t b, int64_t e) {
+    if (isa == Isa::kAvx2) forward_tasks_avx2<scalar_t>(in, out, lse, split.m_chunk, b, e);
+    else forward_tasks_baseline<scalar_t>(in, out, lse, split.m_chunk, b, e);
+  });
+}
+
+// The backward of one problem: dq / dk / dv through g (any strides), the prefix gradients summed
+// over the M sequences into dkp / dvp (dense (K, P, H, Dh), overwritten).
+template <typename scalar_t>
+void run_backward(const Inputs<scalar_t>& in, Grads<scalar_t> g, scalar_t* dkp, scalar_t* dvp) {
+  using acc_t = scalar_t;
+  const PrefixAttentionShape& sh = in.shape;
+  const int64_t n = sh.K * sh.P * sh.H * sh.Dh;
+  if (sh.K * sh.M * sh.H * sh.S * sh.Dh == 0) {
+    std::fill(dkp, dkp + n, scalar_t(0));
+    std::fill(dvp, dvp + n, scalar_t(0));
+    return;
+  }
+  // Enough (m-chunk, k) tasks to keep every thread busy; each chunk keeps its own prefix partial.
+  const TaskSplit split(sh, 8 * static_cast<int64_t>(at::get_num_threads()));
+  const int64_t n_chunks = split.n_chunks;
+  // every (chunk, k) slot is written by its task: no initialisation needed
+  std::unique_ptr<acc_t[]> partial(n_chunks == 1 ? nullptr : new acc_t[2 * n_chunks * n]);
+  g.dkp_partial = n_chunks == 1 ? dkp : partial.get();
+  g.dvp_partial = n_chunks == 1 ? dvp : partial.get() + n_chunks * n;
+  g.m_chunk = split.m_chunk;
+  const Isa isa = cpu_isa();
+  at::parallel_for(0, n_chunks * sh.K, 1, [&](int64_t b, int64_t e) {
+    if (isa == Isa::kAvx2) backward_tasks_avx2<scalar_t>(in, g, b, e);
+    else backward_tasks_baseline<scalar_t>(in, g, b, e);
+  });
+  if (n_chunks > 1) {
+    // fixed-order sum over the chunks: the result does not depend on the thread count's timing
+    const acc_t* src = partial.get();
+    // a few adds per element: one thread unless the partials are large (waking threads costs more)
+    at::parallel_for(0, n, std::max<int64_t>(4096, (int64_t(1) << 20) / n_chunks), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        acc_t sk = 0, sv = 0;
+        for (int64_t c = 0; c < n_chunks; ++c) {
+          sk += src[c * n + i];
+          sv += src[(n_chunks + c) * n + i];
+        }
+        dkp[i] = sk;
+        dvp[i] = sv;
+      }
+    });
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> prefix_attention_forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                                 const at::Tensor& v_in, const at::Tensor& kp_in,
                                                                 const at::Tensor& vp_in, double scale) {
   const PrefixAttentionShape sh = check_inputs("prefix_attention_forward", q_in, k_in, v_in, kp_in, vp_in);
-  TORCH_CHECK(q_in.device().is_cpu(), "prefix_attention_forward (CPU kernel): q must be a CPU tensor");
-  TORCH_CHECK(q_in.scalar_type() == at::kFloat || q_in.scalar_type() == at::kDouble,
-              "prefix_attention_forward (CPU kernel): q must be float32 or float64, got ", q_in.scalar_type());
+  check_cpu_dtype("prefix_attention_forward", q_in);
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   const at::Tensor kp = unit_last_stride(kp_in), vp = unit_last_stride(vp_in);
   at::Tensor out = new_output({sh.K, sh.M, sh.S, sh.H, sh.Dh}, q.options());
   at::Tensor lse = new_output({sh.K, sh.M, sh.H, sh.S}, q.options());
-  if (sh.K * sh.M * sh.H == 0 || sh.S == 0 || sh.Dh == 0) return {out, lse};
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "prefix_attention_forward_cpu", [&] {
-    using acc_t = scalar_t;  // float or double: the accumulation type is the input type
-    const Inputs<scalar_t> in = make_inputs<scalar_t>(q, k, v, kp, vp, sh, scale);
-    scalar_t* out_ptr = out.data_ptr<scalar_t>();
-    acc_t* lse_ptr = lse.data_ptr<acc_t>();
-    // few, long tasks (8 per thread): the prefix tiles are transposed once per task
-    const TaskSplit split(sh, 8 * static_cast<int64_t>(at::get_num_threads()));
-    const Isa isa = cpu_isa();
-    at::parallel_for(0, split.n_chunks * sh.K, 1, [&](int64_t b, int64_t e) {
-      if (isa == Isa::kAvx2) forward_tasks_avx2<scalar_t>(in, out_ptr, lse_ptr, split.m_chunk, b, e);
-      else forward_tasks_baseline<scalar_t>(in, out_ptr, lse_ptr, split.m_chunk, b, e);
-    });
+    run_forward<scalar_t>(make_inputs<scalar_t>(q, k, v, kp, vp, sh, scale), out.data_ptr<scalar_t>(),
+                          lse.data_ptr<scalar_t>());
   });
   return {out, lse};
 }
@@ -586,9 +677,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
     const at::Tensor& kp_in, const at::Tensor& vp_in, const at::Tensor& out_in, const at::Tensor& lse_in,
     double scale) {
   const PrefixAttentionShape sh = check_inputs("prefix_attention_backward", q_in, k_in, v_in, kp_in, vp_in);
-  TORCH_CHECK(q_in.device().is_cpu(), "prefix_attention_backward (CPU kernel): q must be a CPU tensor");
-  TORCH_CHECK(q_in.scalar_type() == at::kFloat || q_in.scalar_type() == at::kDouble,
-              "prefix_attention_backward (CPU kernel): q must be float32 or float64, got ", q_in.scalar_type());
+  check_cpu_dtype("prefix_attention_backward", q_in);
   TORCH_CHECK(grad_out_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
               "prefix_attention_backward: grad_out and out must have q's shape ", q_in.sizes(), ", got ",
               grad_out_in.sizes(), " and ", out_in.sizes());
@@ -606,53 +695,199 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
   at::Tensor dv = new_output(q.sizes(), q.options());
   at::Tensor dkp = new_output({sh.K, sh.P, sh.H, sh.Dh}, q.options());
   at::Tensor dvp = new_output({sh.K, sh.P, sh.H, sh.Dh}, q.options());
-  if (sh.K * sh.M * sh.H * sh.S * sh.Dh == 0) {
-    dkp.zero_();
-    dvp.zero_();
-    return {dq, dk, dv, dkp, dvp};
-  }
-  // Enough (m-chunk, k) tasks to keep every thread busy; each chunk keeps its own prefix partial.
-  const TaskSplit split(sh, 8 * static_cast<int64_t>(at::get_num_threads()));
-  const int64_t m_chunk = split.m_chunk, n_chunks = split.n_chunks;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "prefix_attention_backward_cpu", [&] {
-    using acc_t = scalar_t;
-    at::Tensor partial = n_chunks == 1 ? at::Tensor() : new_output({2, n_chunks, sh.K, sh.P, sh.H, sh.Dh}, q.options());
-    const Inputs<scalar_t> in = make_inputs<scalar_t>(q, k, v, kp, vp, sh, scale);
-    Grads<scalar_t> g{grad_out.data_ptr<scalar_t>(),
-                             out.data_ptr<scalar_t>(),
-                             lse.data_ptr<acc_t>(),
-                             dq.data_ptr<scalar_t>(),
-                             dk.data_ptr<scalar_t>(),
-                             dv.data_ptr<scalar_t>(),
-                             n_chunks == 1 ? dkp.data_ptr<acc_t>() : partial.data_ptr<acc_t>(),
-                             n_chunks == 1 ? dvp.data_ptr<acc_t>() : partial.data_ptr<acc_t>() + partial.size(1) * dkp.numel(),
-                             m_chunk};
-    const Isa isa = cpu_isa();
-    at::parallel_for(0, n_chunks * sh.K, 1, [&](int64_t b, int64_t e) {
-      if (isa == Isa::kAvx2) backward_tasks_avx2<scalar_t>(in, g, b, e);
-      else backward_tasks_baseline<scalar_t>(in, g, b, e);
-    });
-    if (n_chunks > 1) {
-      // fixed-order sum over the chunks: the result does not depend on the thread count's timing
-      const int64_t n = dkp.numel();
-      const acc_t* src = partial.data_ptr<acc_t>();
-      acc_t* dst_k = dkp.data_ptr<acc_t>();
-      acc_t* dst_v = dvp.data_ptr<acc_t>();
-      // a few adds per element: one thread unless the partials are large (waking threads costs more)
-      at::parallel_for(0, n, std::max<int64_t>(4096, (int64_t(1) << 20) / n_chunks), [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) {
-          acc_t sk = 0, sv = 0;
-          for (int64_t c = 0; c < n_chunks; ++c) {
-            sk += src[c * n + i];
-            sv += src[(n_chunks + c) * n + i];
-          }
-          dst_k[i] = sk;
-          dst_v[i] = sv;
-        }
-      });
-    }
+    Grads<scalar_t> g{grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
+                      dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
+                      suffix_strides(dq), suffix_strides(dk), suffix_strides(dv), nullptr, nullptr, 0};
+    run_backward<scalar_t>(make_inputs<scalar_t>(q, k, v, kp, vp, sh, scale), g, dkp.data_ptr<scalar_t>(),
+                           dvp.data_ptr<scalar_t>());
   });
   return {dq, dk, dv, dkp, dvp};
+}
+
+// ------------------------------------------------------------------------------------------ packed
+// Every suffix group of a text pass in one call. qkv (T, 3, H, Dh) is the fused QKV projection of
+// all T packed suffix tokens; groups = [t0, M, S] per group: tokens t0 .. t0 + K*M*S - 1 are the
+// group's (K, M, S) sequences, in order, covering [0, T). out (T, H, Dh) holds every group's dense
+// output in place, lse (T * H) every group's dense (K, M, H, S) block at t0 * H; the backward
+// writes dq / dk / dv straight into one (T, 3, H, Dh) gradient: no per-group outputs to
+// concatenate or stack.
+
+struct Group {
+  int64_t t0, M, S;
+};
+
+std::vector<Group> check_packed(const char* op, const at::Tensor& qkv, const at::Tensor& kp, const at::Tensor& vp,
+                                at::IntArrayRef groups) {
+  GF_CHECK_DIM(qkv, 4, "qkv (T, 3, H, Dh)");
+  GF_CHECK_DIM(kp, 4, "k_prefix (K, P, H, Dh)");
+  TORCH_CHECK(qkv.size(1) == 3, op, ": qkv must have shape (T, 3, H, Dh), got ", qkv.sizes());
+  const int64_t T = qkv.size(0), H = qkv.size(2), Dh = qkv.size(3), K = kp.size(0);
+  TORCH_CHECK(kp.size(2) == H && kp.size(3) == Dh && kp.size(1) >= 1, op, ": k_prefix must have shape (K, P, ", H,
+              ", ", Dh, ") with P >= 1, got ", kp.sizes());
+  TORCH_CHECK(vp.sizes() == kp.sizes(), op, ": v_prefix must have k_prefix's shape ", kp.sizes(), ", got ",
+              vp.sizes());
+  for (const at::Tensor* t : {&kp, &vp}) {
+    TORCH_CHECK(t->scalar_type() == qkv.scalar_type() && t->device() == qkv.device(), op,
+                ": k_prefix and v_prefix must have qkv's dtype and device");
+  }
+  TORCH_CHECK(groups.size() % 3 == 0 && !groups.empty(), op, ": groups must hold [first token, M, S] per group, got ",
+              groups.size(), " values");
+  std::vector<Group> out;
+  int64_t next = 0;
+  for (size_t i = 0; i < groups.size(); i += 3) {
+    const Group gr{groups[i], groups[i + 1], groups[i + 2]};
+    TORCH_CHECK(gr.t0 == next && gr.M >= 1 && gr.S >= 1, op, ": group ", i / 3, " = [", gr.t0, ", ", gr.M, ", ", gr.S,
+                "] must start at token ", next, " (groups in order, back to back) with M >= 1 and S >= 1");
+    next += K * gr.M * gr.S;
+    out.push_back(gr);
+  }
+  TORCH_CHECK(next == T, op, ": the groups cover ", next, " tokens (K * M * S each, K = ", K, ") but qkv has T = ", T);
+  return out;
+}
+
+// The (K, M, S, H, Dh) view of one of q / k / v (which = 0, 1, 2) of a group inside a (T, 3, H, Dh) tensor.
+at::Tensor group_view(const at::Tensor& packed, const Group& gr, int64_t K, int64_t which) {
+  return packed.narrow(0, gr.t0, K * gr.M * gr.S).select(1, which).view({K, gr.M, gr.S, packed.size(2), packed.size(3)});
+}
+
+// The groups' (m-chunk, k) tasks, numbered across groups so that one parallel region runs them all
+// (small groups would leave threads idle in a region of their own).
+template <typename scalar_t>
+struct PackedPlan {
+  std::vector<Inputs<scalar_t>> inputs;
+  std::vector<TaskSplit> splits;
+  std::vector<int64_t> first_task;  // per group, then the total
+  std::vector<int64_t> first_chunk;  // per group: its first m-chunk counted over all groups, then the total
+
+  // group of a global task (groups are few: a linear scan)
+  size_t group_of(int64_t task) const {
+    size_t gi = 0;
+    while (task >= first_task[gi + 1]) ++gi;
+    return gi;
+  }
+};
+
+template <typename scalar_t>
+PackedPlan<scalar_t> packed_plan(const at::Tensor& qkv, const at::Tensor& kp, const at::Tensor& vp,
+                                 const std::vector<Group>& gs, double scale) {
+  const int64_t H = qkv.size(2), Dh = qkv.size(3), K = kp.size(0), P = kp.size(1);
+  PackedPlan<scalar_t> plan;
+  plan.first_task.push_back(0);
+  plan.first_chunk.push_back(0);
+  for (const Group& gr : gs) {
+    const PrefixAttentionShape sh{K, gr.M, gr.S, H, Dh, P};
+    const at::Tensor q = group_view(qkv, gr, K, 0), k = group_view(qkv, gr, K, 1), v = group_view(qkv, gr, K, 2);
+    plan.inputs.push_back(make_inputs<scalar_t>(q, k, v, kp, vp, sh, scale));
+    // tasks in proportion to the group's tokens: about 8 per thread over the whole pass
+    const int64_t want = std::max<int64_t>(1, (8 * at::get_num_threads() * gr.M * gr.S * gs.size()) /
+                                                  std::max<int64_t>(1, qkv.size(0) / K));
+    plan.splits.emplace_back(sh, want);
+    plan.first_task.push_back(plan.first_task.back() + plan.splits.back().n_chunks * K);
+    plan.first_chunk.push_back(plan.first_chunk.back() + plan.splits.back().n_chunks);
+  }
+  return plan;
+}
+
+std::tuple<at::Tensor, at::Tensor> prefix_attention_packed_forward_cpu(const at::Tensor& qkv_in,
+                                                                       const at::Tensor& kp_in,
+                                                                       const at::Tensor& vp_in,
+                                                                       at::IntArrayRef groups, double scale) {
+  const char* op = "prefix_attention_packed_forward";
+  const std::vector<Group> gs = check_packed(op, qkv_in, kp_in, vp_in, groups);
+  check_cpu_dtype(op, qkv_in);
+  const at::Tensor qkv = qkv_in.contiguous(), kp = unit_last_stride(kp_in), vp = unit_last_stride(vp_in);
+  const int64_t T = qkv.size(0), H = qkv.size(2), Dh = qkv.size(3);
+  at::Tensor out = new_output({T, H, Dh}, qkv.options());
+  at::Tensor lse = new_output({T * H}, qkv.options());
+  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "prefix_attention_packed_forward", [&] {
+    const PackedPlan<scalar_t> plan = packed_plan<scalar_t>(qkv, kp, vp, gs, scale);
+    scalar_t* out_ptr = out.data_ptr<scalar_t>();
+    scalar_t* lse_ptr = lse.data_ptr<scalar_t>();
+    const Isa isa = cpu_isa();
+    at::parallel_for(0, plan.first_task.back(), 1, [&](int64_t b, int64_t e) {
+      for (int64_t task = b; task < e; ++task) {
+        const size_t gi = plan.group_of(task);
+        const int64_t local = task - plan.first_task[gi], t0 = gs[gi].t0, m_chunk = plan.splits[gi].m_chunk;
+        scalar_t* o = out_ptr + t0 * H * Dh;
+        scalar_t* l = lse_ptr + t0 * H;
+        if (isa == Isa::kAvx2) forward_tasks_avx2<scalar_t>(plan.inputs[gi], o, l, m_chunk, local, local + 1);
+        else forward_tasks_baseline<scalar_t>(plan.inputs[gi], o, l, m_chunk, local, local + 1);
+      }
+    });
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_attention_packed_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& qkv_in, const at::Tensor& kp_in, const at::Tensor& vp_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, at::IntArrayRef groups, double scale) {
+  const char* op = "prefix_attention_packed_backward";
+  const std::vector<Group> gs = check_packed(op, qkv_in, kp_in, vp_in, groups);
+  check_cpu_dtype(op, qkv_in);
+  const int64_t T = qkv_in.size(0), H = qkv_in.size(2), Dh = qkv_in.size(3), K = kp_in.size(0), P = kp_in.size(1);
+  TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef({T, H, Dh}) && out_in.sizes() == grad_out_in.sizes(), op,
+              ": grad_out and out must have shape (T, H, Dh) = (", T, ", ", H, ", ", Dh, "), got ", grad_out_in.sizes(),
+              " and ", out_in.sizes());
+  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({T * H}), op, ": lse must have shape (T * H,) = (", T * H, ",), got ",
+              lse_in.sizes());
+  for (const at::Tensor* t : {&grad_out_in, &out_in, &lse_in}) {
+    TORCH_CHECK(t->scalar_type() == qkv_in.scalar_type() && t->device() == qkv_in.device(), op,
+                ": grad_out, out and lse must match qkv's dtype and device");
+  }
+  const at::Tensor qkv = qkv_in.contiguous(), kp = unit_last_stride(kp_in), vp = unit_last_stride(vp_in);
+  const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
+  at::Tensor dqkv = new_output({T, 3, H, Dh}, qkv.options());
+  at::Tensor dkp = new_output({K, P, H, Dh}, qkv.options()), dvp = new_output({K, P, H, Dh}, qkv.options());
+  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "prefix_attention_packed_backward", [&] {
+    const PackedPlan<scalar_t> plan = packed_plan<scalar_t>(qkv, kp, vp, gs, scale);
+    // one (K, P, H, Dh) prefix-gradient partial per (group, m-chunk), laid out (chunk, k) as
+    // backward_tasks writes it; every slot is written by its task
+    const int64_t n = K * P * H * Dh, slots = plan.first_chunk.back();
+    std::unique_ptr<scalar_t[]> partial(new scalar_t[2 * slots * n]);
+    std::vector<Grads<scalar_t>> grads;
+    for (size_t gi = 0; gi < gs.size(); ++gi) {
+      const Group& gr = gs[gi];
+      const at::Tensor dq = group_view(dqkv, gr, K, 0), dk = group_view(dqkv, gr, K, 1), dv = group_view(dqkv, gr, K, 2);
+      const int64_t slot = plan.first_chunk[gi];
+      grads.push_back({grad_out.data_ptr<scalar_t>() + gr.t0 * H * Dh, out.data_ptr<scalar_t>() + gr.t0 * H * Dh,
+                       lse.data_ptr<scalar_t>() + gr.t0 * H, dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
+                       dv.data_ptr<scalar_t>(), suffix_strides(dq), suffix_strides(dk), suffix_strides(dv),
+                       partial.get() + slot * n, partial.get() + (slots + slot) * n, plan.splits[gi].m_chunk});
+    }
+    const Isa isa = cpu_isa();
+    at::parallel_for(0, plan.first_task.back(), 1, [&](int64_t b, int64_t e) {
+      for (int64_t task = b; task < e; ++task) {
+        const size_t gi = plan.group_of(task);
+        const int64_t local = task - plan.first_task[gi];
+        if (isa == Isa::kAvx2) backward_tasks_avx2<scalar_t>(plan.inputs[gi], grads[gi], local, local + 1);
+        else backward_tasks_baseline<scalar_t>(plan.inputs[gi], grads[gi], local, local + 1);
+      }
+    });
+    // fixed-order sum over the (group, chunk) partials: deterministic whatever the scheduling
+    const scalar_t* src = partial.get();
+    scalar_t* dst_k = dkp.data_ptr<scalar_t>();
+    scalar_t* dst_v = dvp.data_ptr<scalar_t>();
+    const int64_t per_k = P * H * Dh;
+    at::parallel_for(0, n, std::max<int64_t>(4096, (int64_t(1) << 20) / std::max<int64_t>(1, slots)),
+                     [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t k = i / per_k, r = i % per_k;
+        scalar_t sk = 0, sv = 0;
+        for (size_t gi = 0; gi < gs.size(); ++gi) {
+          const int64_t first = plan.first_chunk[gi], chunks = plan.splits[gi].n_chunks;
+          for (int64_t c = 0; c < chunks; ++c) {
+            const int64_t off = (first + c) * n + k * per_k + r;
+            sk += src[off];
+            sv += src[slots * n + off];
+          }
+        }
+        dst_k[i] = sk;
+        dst_v[i] = sv;
+      }
+    });
+  });
+  return {dqkv, dkp, dvp};
 }
 
 }  // namespace
@@ -660,6 +895,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
 TORCH_LIBRARY_IMPL(guidg_fast, CPU, m) {
   m.impl("prefix_attention_forward", &prefix_attention_forward_cpu);
   m.impl("prefix_attention_backward", &prefix_attention_backward_cpu);
+  m.impl("prefix_attention_packed_forward", &prefix_attention_packed_forward_cpu);
+  m.impl("prefix_attention_packed_backward", &prefix_attention_packed_backward_cpu);
 }
 
 }  // namespace guidg_fast

@@ -4,7 +4,7 @@ from .bma_update import bma_update_
 from .cmattn import cross_modal_attention
 from .ensemble_logits import ensemble_logits
 from .multi_expert_loss import multi_expert_loss
-from .prefix_attention import prefix_attention, prefix_attention_eager
+from .prefix_attention import prefix_attention, prefix_attention_eager, prefix_attention_packed
 from .eot_project import eot_project, eot_project_eager
 
 
@@ -21,5 +21,6 @@ __all__ = [
     "multi_expert_loss",
     "prefix_attention",
     "prefix_attention_eager",
+    "prefix_attention_packed",
     "use_backend",
 ]

@@ -52,6 +52,11 @@ def _check_prefix_attention(q, k, v, k_prefix, v_prefix, scale) -> float:
     _checks.check_tensor(v_prefix, "v_prefix", 4)
     _checks.check_same(v_prefix, "v_prefix", q, "q")
     _checks.check_shape(v_prefix, "v_prefix", (K, P, H, Dh), "K experts, P prefix tokens, H heads, Dh, like k_prefix")
+    return _scale_value(scale, Dh)
+
+
+def _scale_value(scale, Dh: int) -> float:
+    """The softmax scale: 1/sqrt(Dh) by default, else a finite number (or one-element tensor)."""
     if scale is None:
         return 1.0 / math.sqrt(Dh)
     if isinstance(scale, torch.Tensor):
@@ -211,3 +216,100 @@ if _backend.ext_has_kernels(SPEC.ext_ops, "cpu"):
             q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape),
             q.new_empty(k_prefix.shape), q.new_empty(k_prefix.shape),
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed: every suffix group of a text pass in one call
+
+
+def _check_packed(qkv, k_prefix, v_prefix, groups, scale):
+    _checks.check_tensor(qkv, "qkv", 4)
+    if qkv.shape[1] != 3:
+        raise ValueError(f"qkv must have shape (T, 3, H, Dh) (the fused QKV projection), got {tuple(qkv.shape)}")
+    T, _, H, Dh = qkv.shape
+    for name, t in (("k_prefix", k_prefix), ("v_prefix", v_prefix)):
+        _checks.check_tensor(t, name, 4)
+        _checks.check_same(t, name, qkv, "qkv")
+    K, P = k_prefix.shape[:2]
+    if min(T, H, Dh, K, P) == 0:
+        raise ValueError(f"qkv and k_prefix must be non-empty, got {tuple(qkv.shape)} and {tuple(k_prefix.shape)}")
+    _checks.check_shape(k_prefix, "k_prefix", (K, P, H, Dh), "K experts, P prefix tokens, H heads, Dh")
+    _checks.check_shape(v_prefix, "v_prefix", (K, P, H, Dh), "like k_prefix")
+    groups = [tuple(int(x) for x in g) for g in groups]
+    start = 0
+    for i, g in enumerate(groups):
+        if len(g) != 3 or g[0] != start or g[1] < 1 or g[2] < 1:
+            raise ValueError(
+                f"groups[{i}] must be (first token {start}, M >= 1, S >= 1): groups run back to back over the "
+                f"T packed tokens, K * M * S tokens each; got {g}"
+            )
+        start += K * g[1] * g[2]
+    if start != T:
+        raise ValueError(f"groups cover {start} tokens (K * M * S each, K = {K}) but qkv has T = {T}")
+    if not groups:
+        raise ValueError("groups must not be empty")
+    if qkv.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise ValueError(f"qkv must be float32, float64, float16 or bfloat16, got {qkv.dtype}")
+    return groups, _scale_value(scale, Dh)
+
+
+class _PackedPrefixAttention(torch.autograd.Function):
+    """The C++ CPU kernels over all groups: out and dqkv are single packed tensors (no per-group
+    outputs to concatenate, no q/k/v gradients to stack back into the QKV projection's layout)."""
+
+    @staticmethod
+    def forward(ctx, qkv, k_prefix, v_prefix, flat_groups, scale):
+        out, lse = torch.ops.guidg_fast.prefix_attention_packed_forward(qkv, k_prefix, v_prefix, flat_groups, scale)
+        ctx.save_for_backward(qkv, k_prefix, v_prefix, out, lse)
+        ctx.flat_groups, ctx.scale = flat_groups, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qkv, k_prefix, v_prefix, out, lse = ctx.saved_tensors
+        dqkv, dkp, dvp = torch.ops.guidg_fast.prefix_attention_packed_backward(
+            grad_out.contiguous(), qkv, k_prefix, v_prefix, out, lse, ctx.flat_groups, ctx.scale
+        )
+        return dqkv, dkp, dvp, None, None
+
+
+def _packed_cpu_kernels() -> bool:
+    return _backend.ext_has_kernels(("prefix_attention_packed_forward", "prefix_attention_packed_backward"), "cpu")
+
+
+def prefix_attention_packed(qkv, k_prefix, v_prefix, groups, scale=None) -> torch.Tensor:
+    """prefix_attention over every suffix group of a text pass at once.
+
+    qkv (T, 3, H, Dh): the fused QKV projection of T packed suffix tokens; groups: (first token, M, S)
+    per group, back to back: tokens first .. first + K*M*S - 1 are that group's (K, M, S) suffixes.
+    Returns out (T, H, Dh), group by group as prefix_attention would (K, M, S, H, Dh). With the C++
+    extension on the CPU (fp32 / fp64) one call covers all groups and the backward writes one
+    (T, 3, H, Dh) gradient; elsewhere it is prefix_attention per group.
+    """
+    groups, scale = _check_packed(qkv, k_prefix, v_prefix, groups, scale)
+    K = k_prefix.shape[0]
+    backend = _choose_backend(qkv.device)
+    if (backend == "ext" and qkv.device.type == "cpu" and qkv.dtype in (torch.float32, torch.float64)
+            and _packed_cpu_kernels() and not torch.compiler.is_compiling()):
+        flat = [x for g in groups for x in g]
+        return _PackedPrefixAttention.apply(qkv, k_prefix, v_prefix, flat, scale)
+    T, _, H, Dh = qkv.shape
+    sizes = [K * M * S for _, M, S in groups]
+    outs = []
+    # split (not slicing): its backward is one cat, where each slice's would be a full-size zero fill
+    for (_, M, S), part in zip(groups, qkv.split(sizes)):
+        q, k, v = (part[:, i].view(K, M, S, H, Dh) for i in range(3))
+        outs.append(prefix_attention(q, k, v, k_prefix, v_prefix, scale=scale).reshape(K * M * S, H, Dh))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+if _packed_cpu_kernels():
+
+    @torch.library.register_fake("guidg_fast::prefix_attention_packed_forward")
+    def _(qkv, k_prefix, v_prefix, groups, scale):
+        T, _, H, Dh = qkv.shape
+        return qkv.new_empty((T, H, Dh)), qkv.new_empty((T * H,))
+
+    @torch.library.register_fake("guidg_fast::prefix_attention_packed_backward")
+    def _(grad_out, qkv, k_prefix, v_prefix, out, lse, groups, scale):
+        return qkv.new_empty(qkv.shape), qkv.new_empty(k_prefix.shape), qkv.new_empty(k_prefix.shape)
