@@ -38,6 +38,9 @@ class Entry:
     backend: Callable[[dict, str], str] = field(default=lambda case, device: "?")
     repeats: int = 10
     quick_repeats: int = 3
+    # repeats of the fast path where they differ from ``repeats`` (an entry whose reference takes a
+    # minute per call can still give its fast path a steadier median)
+    fast_repeats: int | None = None
     # extras(case, device, quick) -> dict merged into the row (e.g. a breakdown of an end-to-end step)
     extras: Callable[[dict, str, bool], dict] | None = None
     # oracle(case, device) -> the outputs computed by the reference in float64. Where an entry's
@@ -193,6 +196,8 @@ def run_entry(entry: Entry, device: str, quick: bool, measure_memory: bool = Tru
             fn = entry.make(case, provider, device)
             outputs[provider] = fn()
             repeats = entry.quick_repeats if quick else entry.repeats
+            if provider == "fast" and entry.fast_repeats is not None and not quick:
+                repeats = entry.fast_repeats
             if device.startswith("cuda"):  # GPU calls take milliseconds: more repeats, steadier medians
                 repeats = max(repeats, 10 if quick else 30)
             timing = time_fn(fn, device, warmup=2 if device.startswith("cuda") else 1, repeats=repeats)

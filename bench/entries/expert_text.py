@@ -43,5 +43,5 @@ def work(case):
 ENTRY = Entry(
     name="expert_text", cases=cases, make=make, work=work,
     backend=lambda case, device: ops.choose("prefix_attention", torch.device(device)),
-    repeats=2, quick_repeats=2,
+    repeats=2, quick_repeats=2, fast_repeats=7,
 )

@@ -82,5 +82,5 @@ def work(case):
 ENTRY = Entry(
     name="step1_iteration", cases=cases, make=make, work=work,
     backend=lambda case, device: ops.choose("prefix_attention", torch.device(device)),
-    repeats=2, quick_repeats=2,
+    repeats=2, quick_repeats=2, fast_repeats=7,
 )
