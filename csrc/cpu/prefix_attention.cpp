@@ -176,6 +176,31 @@ GF_ALWAYS_INLINE void block_tile_outer_add(const T* x, const Block<T, query_bloc
   }
 }
 
+// rows[t][d] += sum_i alpha w[i][t] x_i[d] for t in [t_begin, t_end): the suffix keys' dK / dV
+// accumulated in row layout, straight into the output rows (no transposed tile to write back)
+template <typename T, int W>
+GF_ALWAYS_INLINE void rows_outer_add(T* const* rows, const Block<T, query_block(W)>& w, T alpha, const T* x,
+                                     int64_t t_begin, int64_t t_end, int64_t Dh) {
+  using V = Simd<T, W>;
+  constexpr int kQueryBlock = query_block(W);
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    T* r = rows[t];
+    T wt[kQueryBlock];
+    for (int i = 0; i < kQueryBlock; ++i) wt[i] = alpha * w[i][t];
+    int64_t d0 = 0;
+    for (; d0 + V::lanes <= Dh; d0 += V::lanes) {
+      typename V::vec a = V::load(r + d0);
+      for (int i = 0; i < kQueryBlock; ++i) a += V::splat(wt[i]) * V::load(x + i * Dh + d0);
+      V::store(r + d0, a);
+    }
+    for (; d0 < Dh; ++d0) {
+      T a = r[d0];
+      for (int i = 0; i < kQueryBlock; ++i) a += wt[i] * x[i * Dh + d0];
+      r[d0] = a;
+    }
+  }
+}
+
 // A tile whose keys all fit in the first vector of a tile row (the short dynamic tile after a
 // 16-key prefix tile: 1 + S keys for the 17-token [SOS, 16 x ctx] prefix) runs its micro-kernels on
 // that vector only.
@@ -456,6 +481,15 @@ GF_ALWAYS_INLINE void backward_tasks(const Inputs<T>& in, const Grads<T>& g, int
           transpose_rows<T>([&](int64_t t) { return value_ptr(in, k, m, h, j0 + t); }, t0, t1, Dh,
                             value_tiles + tile * tile_elems);
         }
+        // this sequence's suffix dK / dV rows: accumulated in place over its query blocks
+        T* dk_rows[kKeyTile];  // rows of the current tile's suffix keys, by tile column
+        T* dv_rows[kKeyTile];
+        for (int64_t s = 0; s < S; ++s) {
+          T* dk_row = g.dk + suffix_offset(g.sdk, k, m, s, h);
+          T* dv_row = g.dv + suffix_offset(g.sdv, k, m, s, h);
+          std::fill(dk_row, dk_row + Dh, T(0));
+          std::fill(dv_row, dv_row + Dh, T(0));
+        }
         for (int64_t s0 = 0; s0 < S; s0 += kQueryBlock) {
           load_block<kQueryBlock, T>([&](int64_t s) { return in.q + suffix_offset(in.sq, k, m, s, h); }, s0, S, Dh, q);
           load_block<kQueryBlock, T>([&](int64_t s) { return g.grad_out + dense_row(sh, k, m, s, h) * Dh; }, s0, S, Dh, dout);
@@ -486,12 +520,28 @@ GF_ALWAYS_INLINE void backward_tasks(const Inputs<T>& in, const Grads<T>& g, int
             }
             for (int64_t t = 0; t < n_max; ++t) rows[t] = key_ptr(in, k, m, h, j0 + t);
             block_combine_rows<T, W>(dq, ds, rows, n_max, Dh);
-            if (narrow) {
-              block_tile_outer_add<T, W, 1>(q, ds, Dh, dkey_tiles + tile * tile_elems);
-              block_tile_outer_add<T, W, 1>(dout, p, Dh, dvalue_tiles + tile * tile_elems);
-            } else {
-              block_tile_outer_add<T, W>(q, ds, Dh, dkey_tiles + tile * tile_elems);
-              block_tile_outer_add<T, W>(dout, p, Dh, dvalue_tiles + tile * tile_elems);
+            const int64_t pc = tiling.prefix_columns(tile);
+            if (pc < n_max) {
+              // suffix keys of this sequence: dK = scale dS^T Q and dV = P^T dO into their rows,
+              // then out of the tile's scores so the transposed accumulators see prefix keys only
+              for (int64_t t = pc; t < n_max; ++t) {
+                dk_rows[t] = g.dk + suffix_offset(g.sdk, k, m, j0 + t - P, h);
+                dv_rows[t] = g.dv + suffix_offset(g.sdv, k, m, j0 + t - P, h);
+              }
+              rows_outer_add<T, W>(dk_rows, ds, scale, q, pc, n_max, Dh);
+              rows_outer_add<T, W>(dv_rows, p, T(1), dout, pc, n_max, Dh);
+              for (int i = 0; i < kQueryBlock; ++i) {
+                for (int t = static_cast<int>(pc); t < kKeyTile; ++t) ds[i][t] = p[i][t] = T(0);
+              }
+            }
+            if (pc > 0) {  // prefix keys: summed over the task's sequences in the transposed tiles
+              if (narrow) {
+                block_tile_outer_add<T, W, 1>(q, ds, Dh, dkey_tiles + tile * tile_elems);
+                block_tile_outer_add<T, W, 1>(dout, p, Dh, dvalue_tiles + tile * tile_elems);
+              } else {
+                block_tile_outer_add<T, W>(q, ds, Dh, dkey_tiles + tile * tile_elems);
+                block_tile_outer_add<T, W>(dout, p, Dh, dvalue_tiles + tile * tile_elems);
+              }
             }
           }
           for (int i = 0; i < kQueryBlock && s0 + i < S; ++i) {
@@ -499,29 +549,6 @@ GF_ALWAYS_INLINE void backward_tasks(const Inputs<T>& in, const Grads<T>& g, int
             const T* src = dq + i * Dh;
 #pragma omp simd
             for (int64_t d = 0; d < Dh; ++d) dst[d] = scale * src[d];
-          }
-        }
-        // suffix columns: this sequence's dK / dV, written out and cleared for the next sequence
-        for (int64_t tile = tiling.static_tiles; tile < tiling.tiles; ++tile) {
-          const int64_t j0 = tiling.first_key(tile);
-          T* dkt = dkey_tiles + tile * tile_elems;
-          T* dvt = dvalue_tiles + tile * tile_elems;
-          const int64_t t0 = tiling.prefix_columns(tile), t1 = tiling.size(tile);
-          T* dk_rows[kKeyTile];
-          T* dv_rows[kKeyTile];
-          for (int64_t t = t0; t < t1; ++t) {
-            dk_rows[t] = g.dk + suffix_offset(g.sdk, k, m, j0 + t - P, h);
-            dv_rows[t] = g.dv + suffix_offset(g.sdv, k, m, j0 + t - P, h);
-          }
-          for (int64_t d = 0; d < Dh; ++d) {  // along the tile rows (see transpose_rows)
-            T* krow = dkt + d * kKeyTile;
-            T* vrow = dvt + d * kKeyTile;
-            for (int64_t t = t0; t < t1; ++t) {
-              dk_rows[t][d] = scale * krow[t];
-              dv_rows[t][d] = vrow[t];
-              krow[t] = T(0);
-              vrow[t] = T(0);
-            }
           }
         }
       }
