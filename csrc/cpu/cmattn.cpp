@@ -11,9 +11,11 @@
 #include <algorithm>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cmattn.h"
+#include "cpu_blas.h"
 #include "outputs.h"
 
 namespace guidg_fast {
@@ -164,6 +166,9 @@ GF_CMATTN_CLONES void head_gradients(const scalar_t* qp, int64_t sb_runtime, int
                                      int64_t H, int64_t K, int64_t D, acc_t* __restrict__ row, scalar_t* dqp,
                                      scalar_t* dkp) {
   const int64_t sb = kBatchMinor ? 1 : sb_runtime;
+  // batch-minor: dkey_h (K x D) = coef (K x B) q_h (B x D) is one small GEMM on q_h^T (D x B,
+  // contiguous) -- a per-(k, d) dot over the batch would end in a horizontal sum each time
+  constexpr bool kGemmKeys = kBatchMinor && std::is_same<scalar_t, acc_t>::value;
   for (int64_t d = 0; d < D; ++d) {
     const scalar_t* col = qp + (h * D + d) * sd;
     scalar_t* dcol = dqp + (h * D + d) * sd;
@@ -172,9 +177,20 @@ GF_CMATTN_CLONES void head_gradients(const scalar_t* qp, int64_t sb_runtime, int
       const acc_t* ck = coef + k * B;
       const acc_t kv = static_cast<acc_t>(kp[(k * H + h) * D + d]);
       for (int64_t b = 0; b < B; ++b) row[b] += ck[b] * kv;
-      dkp[(k * H + h) * D + d] = static_cast<scalar_t>(self[k] * kv + strided_dot<scalar_t, acc_t>(ck, col, sb, B));
+      if constexpr (!kGemmKeys) {
+        dkp[(k * H + h) * D + d] = static_cast<scalar_t>(self[k] * kv + strided_dot<scalar_t, acc_t>(ck, col, sb, B));
+      }
     }
     for (int64_t b = 0; b < B; ++b) dcol[b * sb] = static_cast<scalar_t>(row[b]);
+  }
+  if constexpr (kGemmKeys) {
+    for (int64_t k = 0; k < K; ++k) {
+      const scalar_t* key = kp + (k * H + h) * D;
+      scalar_t* out = dkp + (k * H + h) * D;
+      for (int64_t d = 0; d < D; ++d) out[d] = self[k] * key[d];
+    }
+    cpu_blas::gemm<scalar_t>(false, true, K, D, B, scalar_t(1), coef, B, qp + h * D * sd, sd, scalar_t(1),
+                             dkp + h * D, H * D);
   }
 }
 

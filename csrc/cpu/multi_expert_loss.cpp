@@ -19,8 +19,7 @@
 //             experts (T requires grad), tasks (k, class tile) over all rows:
 //             dT_kc = tau sum_b dz_bc g_b - margin tau sum_{b: y_b = c} q_bk (the second term is the
 //             path through the gathered T_k[y_b]).
-// GEMMs call the BLAS that torch itself links (sgemm_/dgemm_, checked once at first use) directly,
-// without per-call tensor overhead; if it is not there they go through at::mm on the same buffers.
+// GEMMs call the BLAS that torch itself links directly (csrc/include/cpu_blas.h).
 // The float row loops are written so the compiler vectorises them (lane arrays for the
 // reductions, a polynomial exp) and are compiled for AVX-512 / AVX2 / baseline with runtime
 // selection, since the extension itself is built for the baseline ISA.
@@ -39,19 +38,9 @@
 #include <vector>
 
 #include "multi_expert_loss.h"
+#include "cpu_blas.h"
 #include "multi_expert_loss_args.h"
 #include "outputs.h"
-
-// Fortran BLAS of the library torch links (MKL on x86 wheels); weak, so a torch without them still
-// loads this extension and the GEMMs fall back to at::mm.
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc) __attribute__((weak));
-}
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define GF_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -63,77 +52,9 @@ namespace guidg_fast {
 namespace multi_expert_loss {
 namespace {
 
+using cpu_blas::gemm;
+
 constexpr int kLanes = 16;        // independent partial sums / maxima in the vectorised row loops
-
-// ---------------------------------------------------------------------------------------------
-// GEMM on row-major buffers: C (M x N) = alpha op(A) op(B) + beta C, op(A) M x K, op(B) K x N.
-
-void blas_call(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb,
-               float beta, float* c, int ldc) {
-  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-}
-void blas_call(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda, const double* b, int ldb,
-               double beta, double* c, int ldc) {
-  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-}
-
-// Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
-template <typename scalar_t>
-void gemm_blas(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, scalar_t alpha, const scalar_t* A,
-               int64_t lda, const scalar_t* B, int64_t ldb, scalar_t beta, scalar_t* C, int64_t ldc) {
-  blas_call(trans_b ? 'T' : 'N', trans_a ? 'T' : 'N', static_cast<int>(N), static_cast<int>(M), static_cast<int>(K),
-            alpha, B, static_cast<int>(ldb), A, static_cast<int>(lda), beta, C, static_cast<int>(ldc));
-}
-
-template <typename scalar_t>
-void gemm_aten(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, scalar_t alpha, const scalar_t* A,
-               int64_t lda, const scalar_t* B, int64_t ldb, scalar_t beta, scalar_t* C, int64_t ldc) {
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
-  auto view = [&](const scalar_t* p, bool trans, int64_t rows, int64_t cols, int64_t ld) {
-    at::Tensor t = at::from_blob(const_cast<scalar_t*>(p), {trans ? cols : rows, trans ? rows : cols}, {ld, 1}, options);
-    return trans ? t.t() : t;
-  };
-  at::Tensor a = view(A, trans_a, M, K, lda);
-  at::Tensor b = view(B, trans_b, K, N, ldb);
-  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, options);
-  if (beta == scalar_t(0)) {
-    at::mm_out(c, a, b);
-    if (alpha != scalar_t(1)) c.mul_(alpha);
-  } else {
-    c.addmm_(a, b, beta, alpha);
-  }
-}
-
-// Whether the BLAS symbols are present and behave as LP64 Fortran BLAS (a 2x3 by 3x2 check).
-bool blas_usable() {
-  static const bool usable = [] {
-    if (sgemm_ == nullptr || dgemm_ == nullptr) return false;
-    const float a[6] = {1, 2, 3, 4, 5, 6};
-    const float b[6] = {1, 0, 0, 1, 1, 1};
-    float c[4] = {0, 0, 0, 0};
-    gemm_blas<float>(false, false, 2, 2, 3, 1.0f, a, 3, b, 2, 0.0f, c, 2);
-    const double ad[6] = {1, 2, 3, 4, 5, 6};
-    const double bd[6] = {1, 0, 0, 1, 1, 1};
-    double cd[4] = {0, 0, 0, 0};
-    gemm_blas<double>(false, true, 2, 2, 3, 1.0, ad, 3, bd, 3, 0.0, cd, 2);
-    // [[1 2 3] [4 5 6]] [[1 0] [0 1] [1 1]] and [[1 2 3] [4 5 6]] [[1 0 0] [1 1 1]]^T
-    return c[0] == 4 && c[1] == 5 && c[2] == 10 && c[3] == 11 && cd[0] == 1 && cd[1] == 6 && cd[2] == 4 &&
-           cd[3] == 15;
-  }();
-  return usable;
-}
-
-template <typename scalar_t>
-void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, scalar_t alpha, const scalar_t* A, int64_t lda,
-          const scalar_t* B, int64_t ldb, scalar_t beta, scalar_t* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  const bool fits = std::max({M, N, K, lda, ldb, ldc}) < std::numeric_limits<int>::max();
-  if (fits && blas_usable()) {
-    gemm_blas<scalar_t>(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-  } else {
-    gemm_aten<scalar_t>(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Row loops. float: vectorisable (polynomial exp, lane arrays); double: plain std:: math.
