@@ -806,7 +806,7 @@ PackedPlan<scalar_t> packed_plan(const at::Tensor& qkv, const at::Tensor& kp, co
     const PrefixAttentionShape sh{K, gr.M, gr.S, H, Dh, P};
     const at::Tensor q = group_view(qkv, gr, K, 0), k = group_view(qkv, gr, K, 1), v = group_view(qkv, gr, K, 2);
     plan.inputs.push_back(make_inputs<scalar_t>(q, k, v, kp, vp, sh, scale));
-    // tasks in proportion to the group's tokens: about 8 per thread over the whole pass
+    // tasks in proportion to the group's share of the tokens: on average 8 per thread per group
     const int64_t want = std::max<int64_t>(1, (8 * at::get_num_threads() * gr.M * gr.S * gs.size()) /
                                                   std::max<int64_t>(1, qkv.size(0) / K));
     plan.splits.emplace_back(sh, want);
