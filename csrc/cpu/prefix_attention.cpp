@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "prefix_attention.h"
+#include "prefix_attention_args.h"
 #include "outputs.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -42,6 +43,8 @@
 
 namespace guidg_fast {
 namespace {
+
+using namespace prefix_attention_args;
 
 constexpr int kKeyTile = 16;
 
@@ -583,42 +586,12 @@ void backward_tasks_baseline(const Inputs<T>& in, const Grads<T>& g, int64_t b, 
 
 // ----------------------------------------------------------------------------------------- launchers
 
-// The kernels index the last (Dh) dimension with stride 1; any other stride layout is read as is.
-at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
-PrefixAttentionShape check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                  const at::Tensor& k_prefix, const at::Tensor& v_prefix) {
-  GF_CHECK_DIM(q, 5, "q");
-  GF_CHECK_DIM(k, 5, "k");
-  GF_CHECK_DIM(v, 5, "v");
-  GF_CHECK_DIM(k_prefix, 4, "k_prefix");
-  GF_CHECK_DIM(v_prefix, 4, "v_prefix");
-  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), op, ": k and v must have q's shape ", q.sizes(),
-              ", got ", k.sizes(), " and ", v.sizes());
-  const int64_t K = q.size(0), M = q.size(1), S = q.size(2), H = q.size(3), Dh = q.size(4), P = k_prefix.size(1);
-  TORCH_CHECK(P >= 1, op, ": k_prefix must hold P >= 1 prefix keys, got shape ", k_prefix.sizes());
-  TORCH_CHECK(k_prefix.sizes() == at::IntArrayRef({K, P, H, Dh}), op, ": k_prefix must have shape (", K, ", P, ", H,
-              ", ", Dh, "), got ", k_prefix.sizes());
-  TORCH_CHECK(v_prefix.sizes() == k_prefix.sizes(), op, ": v_prefix must have k_prefix's shape ", k_prefix.sizes(),
-              ", got ", v_prefix.sizes());
-  for (const at::Tensor* t : {&k, &v, &k_prefix, &v_prefix}) {
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), op, ": all inputs must have q's dtype ", q.scalar_type(),
-                ", got ", t->scalar_type());
-    TORCH_CHECK(t->device() == q.device(), op, ": all inputs must be on q's device ", q.device());
-  }
-  return {K, M, S, H, Dh, P};
-}
-
 template <typename scalar_t>
 Inputs<scalar_t> make_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kp,
                              const at::Tensor& vp, const PrefixAttentionShape& shape, double scale) {
-  auto st5 = [](const at::Tensor& t) { return SuffixStrides{t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; };
-  auto st4 = [](const at::Tensor& t) { return PrefixStrides{t.stride(0), t.stride(1), t.stride(2)}; };
   return {q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), kp.data_ptr<scalar_t>(),
-          vp.data_ptr<scalar_t>(), st5(q),  st5(k), st5(v), st4(kp), st4(vp), shape, scale};
+          vp.data_ptr<scalar_t>(), suffix_strides(q), suffix_strides(k), suffix_strides(v), prefix_strides(kp), prefix_strides(vp), shape, scale};
 }
-
-SuffixStrides suffix_strides(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
 void check_cpu_dtype(const char* op, const at::Tensor& q) {
   TORCH_CHECK(q.device().is_cpu(), op, " (CPU kernel): q must be a CPU tensor");

@@ -22,10 +22,13 @@
 #include <type_traits>
 
 #include "prefix_attention.h"
+#include "prefix_attention_args.h"
 #include "outputs.h"
 
 namespace guidg_fast {
 namespace {
+
+using namespace prefix_attention_args;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
@@ -219,34 +222,22 @@ __global__ void __launch_bounds__(kThreads) prefix_attention_backward_kernel(Poi
   }
 }
 
-at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
-PrefixAttentionShape check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                  const at::Tensor& kp, const at::Tensor& vp) {
-  GF_CHECK_DIM(q, 5, "q");
-  GF_CHECK_DIM(k, 5, "k");
-  GF_CHECK_DIM(v, 5, "v");
-  GF_CHECK_DIM(kp, 4, "k_prefix");
-  GF_CHECK_DIM(vp, 4, "v_prefix");
-  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), op, ": k and v must have q's shape ", q.sizes());
-  const int64_t K = q.size(0), M = q.size(1), S = q.size(2), H = q.size(3), Dh = q.size(4), P = kp.size(1);
-  TORCH_CHECK(P >= 1, op, ": k_prefix must hold P >= 1 prefix keys");
-  TORCH_CHECK(kp.sizes() == at::IntArrayRef({K, P, H, Dh}) && vp.sizes() == kp.sizes(), op,
-              ": k_prefix and v_prefix must have shape (K, P, H, Dh) = (", K, ", P, ", H, ", ", Dh, ")");
-  TORCH_CHECK(Dh <= 256, op, " (CUDA kernel): head size Dh must be <= 256, got ", Dh);
+// the shared checks (prefix_attention_args.h), then what the CUDA kernels need
+PrefixAttentionShape check_cuda_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const at::Tensor& kp, const at::Tensor& vp) {
+  const PrefixAttentionShape sh = check_inputs(op, q, k, v, kp, vp);
+  TORCH_CHECK(sh.Dh <= 256, op, " (CUDA kernel): head size Dh must be <= 256, got ", sh.Dh);
   for (const at::Tensor* t : {&q, &k, &v, &kp, &vp}) {
-    TORCH_CHECK(t->is_cuda() && t->device() == q.device(), op, " (CUDA kernel): all inputs must be on ", q.device());
+    TORCH_CHECK(t->is_cuda(), op, " (CUDA kernel): all inputs must be CUDA tensors, got ", t->device());
     TORCH_CHECK(t->scalar_type() == at::kFloat, op, " (CUDA kernel): inputs must be float32, got ", t->scalar_type());
   }
-  return {K, M, S, H, Dh, P};
+  return sh;
 }
 
 Pointers make_pointers(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kp,
                        const at::Tensor& vp) {
-  auto st5 = [](const at::Tensor& t) { return SuffixStrides{t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; };
-  auto st4 = [](const at::Tensor& t) { return PrefixStrides{t.stride(0), t.stride(1), t.stride(2)}; };
   return {q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), kp.data_ptr<float>(), vp.data_ptr<float>(),
-          st5(q), st5(k), st5(v), st4(kp), st4(vp)};
+          suffix_strides(q), suffix_strides(k), suffix_strides(v), prefix_strides(kp), prefix_strides(vp)};
 }
 
 template <typename Fn>
@@ -260,7 +251,7 @@ void with_dpl(int64_t Dh, Fn fn) {
 std::tuple<at::Tensor, at::Tensor> prefix_attention_forward_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                                  const at::Tensor& v_in, const at::Tensor& kp_in,
                                                                  const at::Tensor& vp_in, double scale) {
-  const PrefixAttentionShape sh = check_inputs("prefix_attention_forward", q_in, k_in, v_in, kp_in, vp_in);
+  const PrefixAttentionShape sh = check_cuda_inputs("prefix_attention_forward", q_in, k_in, v_in, kp_in, vp_in);
   c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   const at::Tensor kp = unit_last_stride(kp_in), vp = unit_last_stride(vp_in);
@@ -283,7 +274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& kp_in, const at::Tensor& vp_in, const at::Tensor& out_in, const at::Tensor& lse_in,
     double scale) {
-  const PrefixAttentionShape sh = check_inputs("prefix_attention_backward", q_in, k_in, v_in, kp_in, vp_in);
+  const PrefixAttentionShape sh = check_cuda_inputs("prefix_attention_backward", q_in, k_in, v_in, kp_in, vp_in);
   TORCH_CHECK(grad_out_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
               "prefix_attention_backward: grad_out and out must have q's shape ", q_in.sizes());
   TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({sh.K, sh.M, sh.H, sh.S}),
