@@ -204,7 +204,6 @@ class _Plan:
     token_rows: torch.Tensor  # (T,) bank row of each packed suffix token
     token_positions: torch.Tensor  # (T,) position of each packed suffix token
     groups: list  # (first packed token, classes in group, suffix length S) per group
-    group_sizes: list  # packed tokens per group (K * classes * S)
     eot_tokens: torch.Tensor  # (K*C,) packed token of each EOT, in packed (group, k, class) order
     output_order: torch.Tensor  # (K*C,) packed EOT of (k, c), row-major over (K, C)
 
@@ -265,7 +264,6 @@ def _build_plan(learner, device) -> _Plan:
         token_rows=torch.cat(token_rows).to(**to),
         token_positions=torch.cat(token_positions).to(**to),
         groups=groups,
-        group_sizes=[K * Cg * S for _, Cg, S in groups],
         eot_tokens=torch.cat(eot_tokens).to(**to),
         output_order=output_order.to(**to),
     )
@@ -342,18 +340,9 @@ def shared_prefix_encode(model, learner) -> torch.Tensor:
     last = len(blocks) - 1
     for i, blk in enumerate(blocks):
         kp, vp = prefix_kv[i]
-        if not blk.custom:  # every group in one call, on the QKV projection as it comes out of its GEMM
-            o = ops.prefix_attention_packed(blk.packed_qkv(x), kp, vp, plan.groups, scale=blk.scale)
-        else:
-            q, k, v = blk.qkv(x)  # (T, H, Dh), after the per-head q / k norms
-            # split (not slicing): its backward is one cat, where each slice's would be a full-size zero fill
-            sizes = plan.group_sizes
-            outs = []
-            for (_, Cg, S), qg, kg, vg in zip(plan.groups, q.split(sizes), k.split(sizes), v.split(sizes)):
-                shape = (K, Cg, S, blk.heads, blk.head_dim)
-                o = ops.prefix_attention(qg.view(shape), kg.view(shape), vg.view(shape), kp, vp, scale=blk.scale)
-                outs.append(o.reshape(K * Cg * S, blk.heads, blk.head_dim))
-            o = outs[0] if len(outs) == 1 else torch.cat(outs)
+        # every group in one call; blocks with per-head q / k norms stack their normalised q, k, v first
+        qkv = blk.packed_qkv(x) if not blk.custom else torch.stack(blk.qkv(x), dim=1)  # (T, 3, H, Dh)
+        o = ops.prefix_attention_packed(qkv, kp, vp, plan.groups, scale=blk.scale)
         if i == last:  # only the EOT rows feed the output
             x, o = x.index_select(0, plan.eot_tokens), o.index_select(0, plan.eot_tokens)
         x = blk.mlp_residual(blk.attention_residual(x, o))

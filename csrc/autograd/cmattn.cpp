@@ -112,7 +112,6 @@ std::vector<at::Tensor> cmattn_fused_backward(const at::Tensor& grad_out, const 
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const at::ScalarType dtype = q.scalar_type(), grad_dtype = f_in.scalar_type();
   const at::Tensor f = compute(f_in, dtype), T = compute(T_in, dtype).contiguous();
-  const int64_t K = T.size(0), C = T.size(1);
   at::Tensor dq, dkey;
   std::tie(dq, dkey) = scores_backward(compute(grad_out, dtype).contiguous(), q, keys, cosine);
   const at::Tensor dq_flat = dq.view({B, H * D});

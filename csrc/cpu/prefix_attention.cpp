@@ -757,13 +757,15 @@ template <typename scalar_t>
 struct PackedPlan {
   std::vector<Inputs<scalar_t>> inputs;
   std::vector<TaskSplit> splits;
-  std::vector<int64_t> first_task;  // per group, then the total
   std::vector<int64_t> first_chunk;  // per group: its first m-chunk counted over all groups, then the total
+  int64_t K = 0;                      // experts: a group's tasks are its (m-chunk, k) pairs
 
+  int64_t first_task(size_t gi) const { return first_chunk[gi] * K; }
+  int64_t tasks() const { return first_chunk.back() * K; }
   // group of a global task (groups are few: a linear scan)
   size_t group_of(int64_t task) const {
     size_t gi = 0;
-    while (task >= first_task[gi + 1]) ++gi;
+    while (task >= first_task(gi + 1)) ++gi;
     return gi;
   }
 };
@@ -773,7 +775,7 @@ PackedPlan<scalar_t> packed_plan(const at::Tensor& qkv, const at::Tensor& kp, co
                                  const std::vector<Group>& gs, double scale) {
   const int64_t H = qkv.size(2), Dh = qkv.size(3), K = kp.size(0), P = kp.size(1);
   PackedPlan<scalar_t> plan;
-  plan.first_task.push_back(0);
+  plan.K = K;
   plan.first_chunk.push_back(0);
   for (const Group& gr : gs) {
     const PrefixAttentionShape sh{K, gr.M, gr.S, H, Dh, P};
@@ -783,7 +785,6 @@ PackedPlan<scalar_t> packed_plan(const at::Tensor& qkv, const at::Tensor& kp, co
     const int64_t want = std::max<int64_t>(1, (8 * at::get_num_threads() * gr.M * gr.S * gs.size()) /
                                                   std::max<int64_t>(1, qkv.size(0) / K));
     plan.splits.emplace_back(sh, want);
-    plan.first_task.push_back(plan.first_task.back() + plan.splits.back().n_chunks * K);
     plan.first_chunk.push_back(plan.first_chunk.back() + plan.splits.back().n_chunks);
   }
   return plan;
@@ -805,10 +806,10 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_packed_forward_cpu(const at:
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
     scalar_t* lse_ptr = lse.data_ptr<scalar_t>();
     const Isa isa = cpu_isa();
-    at::parallel_for(0, plan.first_task.back(), 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, plan.tasks(), 1, [&](int64_t b, int64_t e) {
       for (int64_t task = b; task < e; ++task) {
         const size_t gi = plan.group_of(task);
-        const int64_t local = task - plan.first_task[gi], t0 = gs[gi].t0, m_chunk = plan.splits[gi].m_chunk;
+        const int64_t local = task - plan.first_task(gi), t0 = gs[gi].t0, m_chunk = plan.splits[gi].m_chunk;
         scalar_t* o = out_ptr + t0 * H * Dh;
         scalar_t* l = lse_ptr + t0 * H;
         if (isa == Isa::kAvx2) forward_tasks_avx2<scalar_t>(plan.inputs[gi], o, l, m_chunk, local, local + 1);
@@ -856,10 +857,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_attention_packed_backward_
                        partial.get() + slot * n, partial.get() + (slots + slot) * n, plan.splits[gi].m_chunk});
     }
     const Isa isa = cpu_isa();
-    at::parallel_for(0, plan.first_task.back(), 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, plan.tasks(), 1, [&](int64_t b, int64_t e) {
       for (int64_t task = b; task < e; ++task) {
         const size_t gi = plan.group_of(task);
-        const int64_t local = task - plan.first_task[gi];
+        const int64_t local = task - plan.first_task(gi);
         if (isa == Isa::kAvx2) backward_tasks_avx2<scalar_t>(plan.inputs[gi], grads[gi], local, local + 1);
         else backward_tasks_baseline<scalar_t>(plan.inputs[gi], grads[gi], local, local + 1);
       }

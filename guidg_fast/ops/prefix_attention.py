@@ -244,10 +244,8 @@ def _check_packed(qkv, k_prefix, v_prefix, groups, scale):
                 f"T packed tokens, K * M * S tokens each; got {g}"
             )
         start += K * g[1] * g[2]
-    if start != T:
+    if start != T:  # also an empty list of groups (T >= 1 here)
         raise ValueError(f"groups cover {start} tokens (K * M * S each, K = {K}) but qkv has T = {T}")
-    if not groups:
-        raise ValueError("groups must not be empty")
     if qkv.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         raise ValueError(f"qkv must be float32, float64, float16 or bfloat16, got {qkv.dtype}")
     return groups, _scale_value(scale, Dh)
