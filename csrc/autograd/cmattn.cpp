@@ -126,7 +126,7 @@ std::vector<at::Tensor> cmattn_fused_backward(const at::Tensor& grad_out, const 
       out(needs[2], [&] { return at::mm(dq_flat.t(), f).view({H, D, D}); }),      // all heads: (H*D, B) x (B, D)
       out(needs[3], [&] { return dq.sum(0); }),
       out(needs[4], [&] { return at::bmm(dkey, T.transpose(1, 2)).sum(0); }),  // (K, H, C) summed over experts
-      out(needs[5], [&] { return dkey.sum({0, 2}); }),
+      out(needs[5], [&] { return dkey.sum(at::IntArrayRef{0, 2}); }),
   };
 }
 
