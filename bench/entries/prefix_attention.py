@@ -1,6 +1,6 @@
 """prefix_attention, forward + backward, at the shared-prefix text pass shapes of ViT-B-16 (W = 512,
 H = 8 heads of Dh = 64, K = 3 experts, P = 17 prefix tokens [SOS + 16 ctx], S = 8 suffix tokens,
-M = 200 classes), fused kernels (ext on CPU, Triton on CUDA) against the eager counterpart
+M = 200 classes), fused kernels (the default backend: ext, or Triton on CUDA without a CUDA build) against the eager counterpart
 ``ops.prefix_attention_eager`` (the reference has no such op: it runs full 77-token passes).
 
 The q/k/v inputs are slices of one fused QKV projection output, as in the text pass.
