@@ -136,14 +136,18 @@ def check_tensor_lists(averaged_tensors, tensors) -> None:
         check_same(t, f"tensors[{i}]", a, f"averaged_tensors[{i}]")
 
 
-def check_multi_expert_loss_args(f, T, y, w, temperature, margin, entropy_weight, check_values: bool = True):
+def check_multi_expert_loss_args(f, T, y, w, temperature, margin, entropy_weight, check_values: bool = True,
+                                 defer_temperature: bool | None = None):
     """Every check of ``ops.multi_expert_loss``; returns (B, K, C, D, tau, margin, entropy_weight).
 
-    ``check_values=False`` skips the checks that read tensor values (label range, finite weights, a
-    tensor temperature, for which tau comes back None): under torch.compile they would force a graph
-    break, so the fused op checks shapes, dtypes and devices while tracing, reads a tensor
-    temperature inside the op, and its kernels bound-check the labels.
+    ``check_values=False`` skips the checks that read the label and weight values: under
+    torch.compile they would force a graph break (the fused op checks shapes, dtypes and devices
+    while tracing and its kernels bound-check the labels), and the CPU extension op checks them
+    itself. ``defer_temperature`` (default: ``not check_values``) leaves a tensor temperature
+    unread: tau comes back None and the fused op reads it.
     """
+    if defer_temperature is None:
+        defer_temperature = not check_values
     B, K, C, D = check_features(f, T)
     if check_values:
         check_labels(y, B, C, f.device)
@@ -163,7 +167,7 @@ def check_multi_expert_loss_args(f, T, y, w, temperature, margin, entropy_weight
             raise ValueError(f"w (batch weights) must have shape ({K},) = (K,), got {tuple(w.shape)}")
         if w.dim() == 2 and tuple(w.shape) != (B, K):
             raise ValueError(f"w (per-sample weights) must have shape ({B}, {K}) = (B, K), got {tuple(w.shape)}")
-    if not check_values and isinstance(temperature, torch.Tensor):
+    if defer_temperature and isinstance(temperature, torch.Tensor):
         # a tensor temperature is read (and its value checked) inside the fused op while tracing
         if temperature.numel() != 1:
             raise ValueError(f"temperature must be a scalar, got shape {tuple(temperature.shape)}")

@@ -1,5 +1,7 @@
 """cmattn (cross-modal attention): every fused backend against the eager reference, forward and every
 gradient, cosine and dot product, odd shapes, poisoned outputs, torch.compile and opcheck."""
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -341,3 +343,37 @@ def test_cmattn_cuda_matches_reference(backend, metric, shape, monkeypatch):
     # fp32 parity on GPU: keep cuBLAS off tf32 in the reference and the fast path alike
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     _run_parity(backend, shape, metric, device="cuda")
+
+
+def test_large_cpu_outputs_reuse_pooled_memory():
+    # csrc/include/output_pool.h: the 4 MB-class dWv of one step is handed to the next step's dWv
+    # (no fresh pages), and such a tensor behaves like any other (in-place math, resize, save)
+    if "ext" not in _backend.available("cmattn", "cpu"):
+        pytest.skip("needs guidg_fast._C")
+    torch.manual_seed(0)
+    B, K, C, D, H = 5, 3, 7, 128, 4  # dwv: 4 x 128 x 128 floats = 256 KB, above the pool's 64 KB floor
+    f, T = torch.randn(B, D), torch.randn(K, C, D)
+    params = [torch.randn(H, D, D) * 0.05, torch.randn(H, D), torch.randn(H, C), torch.randn(H)]
+    params = [p.requires_grad_() for p in params]
+
+    def dwv():
+        out = torch.ops.guidg_fast.cmattn(f, T, *params, True)
+        return torch.autograd.grad((out * torch.arange(K)).sum(), params[0])[0]
+
+    first = dwv()
+    expected = torch.autograd.grad(
+        (reference.cross_modal_attention(f, T, *params, "cosine") * torch.arange(K)).sum(), params[0])[0]
+    torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-6)
+    ptr = first.data_ptr()
+    del first
+    other = torch.empty(H, D, D)  # plain malloc would hand the freed block to this tensor
+    second = dwv()
+    assert second.data_ptr() == ptr and other.data_ptr() != ptr, "the freed block was not kept for the op"
+    torch.testing.assert_close(second, expected, rtol=1e-5, atol=1e-6)
+    second.mul_(2).add_(1)
+    second.resize_(H, D, D + 1)  # a resize allocates (from the pool) and keeps the data
+    assert second.shape == (H, D, D + 1)
+    buf = io.BytesIO()
+    torch.save(second[:1].clone(), buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf), second[:1])

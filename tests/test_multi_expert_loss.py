@@ -173,10 +173,24 @@ def test_bad_inputs_name_the_argument():
 
 
 @pytest.mark.skipif(not EXT_BUILT, reason="guidg_fast._C not built")
-def test_ext_kernel_checks_labels():
+def test_ext_kernel_checks_labels_and_weights():
+    # the CPU kernel checks the values itself (ops.multi_expert_loss's eager CPU path relies on it):
+    # ValueErrors worded as guidg_fast._checks words them
     f, T, y, w = _inputs(4, 2, 5, 6, False)
-    with pytest.raises(RuntimeError, match=r"y must hold class indices in \[0, 5\)"):
-        torch.ops.guidg_fast.multi_expert_loss_forward(f.detach(), T.detach(), y + 5, w.detach(), 1.0, 0.0, 0.0, False)
+    op = torch.ops.guidg_fast.multi_expert_loss_forward
+    with pytest.raises(ValueError, match=r"^y must hold class indices in \[0, 5\)"):
+        op(f.detach(), T.detach(), y + 5, w.detach(), 1.0, 0.0, 0.0, False)
+    with pytest.raises(ValueError, match=r"^y must hold class indices in \[0, 5\)"):
+        op(f.detach(), T.detach(), y - 6, w.detach(), 1.0, 0.0, 0.0, False)
+    for bad in (float("nan"), float("inf")):
+        w_bad = w.detach().clone()
+        w_bad[1] = bad
+        with pytest.raises(ValueError, match=r"^w contains NaN or Inf values"):
+            op(f.detach(), T.detach(), y, w_bad, 1.0, 0.0, 0.0, False)
+    w_rows = torch.rand(4, 2, dtype=torch.float64)
+    w_rows[3, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"^w contains NaN or Inf values"):
+        op(f.detach().double(), T.detach().double(), y, w_rows, 1.0, 0.0, 0.0, False)
 
 
 def _opcheck_backends():
@@ -215,7 +229,7 @@ def test_cpp_autograd_op():
     with torch.inference_mode():  # below autograd: the forward kernel alone
         plain = torch.ops.guidg_fast.multi_expert_loss(f.detach(), T.detach(), y, w.detach(), 10.0, 0.3, 0.0)
     assert torch.equal(plain, loss.detach())
-    with pytest.raises(RuntimeError, match="y must hold class indices"):
+    with pytest.raises(ValueError, match="^y must hold class indices"):
         torch.ops.guidg_fast.multi_expert_loss(f, T, y + 100, w, 10.0, 0.3, 0.0)
 
 

@@ -180,11 +180,21 @@ void scaled_difference(double* __restrict__ out, const double* __restrict__ a, c
 
 // ---------------------------------------------------------------------------------------------
 
+// The value checks (ValueError in Python, worded as guidg_fast._checks words them): on the CPU they
+// cost nothing here, so the eager ext path of ops.multi_expert_loss leaves them to this kernel
+// instead of reading y and w through a few ATen reductions first.
 void check_labels_cpu(const at::Tensor& y, int64_t C) {
   const int64_t* yp = y.data_ptr<int64_t>();
   for (int64_t b = 0; b < y.numel(); ++b) {
-    TORCH_CHECK(yp[b] >= 0 && yp[b] < C, "y must hold class indices in [0, ", C, "), got y[", b, "] = ", yp[b]);
+    TORCH_CHECK_VALUE(yp[b] >= 0 && yp[b] < C, "y must hold class indices in [0, ", C, ") (C = ", C,
+                      " classes in T), got y[", b, "] = ", yp[b]);
   }
+}
+
+template <typename scalar_t>
+void check_weights_finite(const at::Tensor& w) {
+  const scalar_t* wp = w.data_ptr<scalar_t>();
+  for (int64_t i = 0; i < w.numel(); ++i) TORCH_CHECK_VALUE(std::isfinite(wp[i]), "w contains NaN or Inf values");
 }
 
 // Below this many flops for one sweep over all logits (2 B K C D) the op runs on one thread: a
@@ -354,6 +364,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_exp
   at::Tensor pbar = entropy ? new_output({s.K, s.C}, options) : at::empty({0}, options);
   AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "multi_expert_loss_forward_cpu", [&] {
     using acc_t = scalar_t;
+    check_weights_finite<scalar_t>(w);
     const auto in = raw_inputs<scalar_t>(f, T, y, w, s, temperature, margin, entropy_weight);
     forward_rows<scalar_t>(in, need_o, lse.data_ptr<scalar_t>(), ce.data_ptr<scalar_t>(),
                            need_o ? o.data_ptr<scalar_t>() : nullptr);

@@ -7,6 +7,8 @@
 #include <cstring>
 #include <limits>
 
+#include "output_pool.h"
+
 namespace guidg_fast {
 
 // GUIDG_FAST_POISON=1: launchers fill their outputs with NaN before the kernel runs, so a test
@@ -16,10 +18,12 @@ inline bool poison_requested() {
   return flag != nullptr && std::strcmp(flag, "1") == 0;
 }
 
-// A kernel output: uninitialised, or NaN-filled when poisoning is requested.
+// A kernel output: uninitialised, or NaN-filled when poisoning is requested; large CPU outputs
+// reuse pooled memory (output_pool.h).
 inline at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options) {
-  return poison_requested() ? at::full(shape, std::numeric_limits<double>::quiet_NaN(), options)
-                            : at::empty(shape, options);
+  at::Tensor out = pooled_empty(shape, options);
+  if (poison_requested()) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  return out;
 }
 
 }  // namespace guidg_fast

@@ -201,10 +201,15 @@ def _choose_backend(device_type: str, dtype: torch.dtype) -> str:
 
 def multi_expert_loss(f, T, y, w, temperature, margin: float = 0.0, entropy_weight: float = 0.0) -> torch.Tensor:
     compiling = torch.compiler.is_compiling()
+    device_type = f.device.type if isinstance(f, torch.Tensor) else "cpu"
+    backend = _choose_backend(device_type, f.dtype if isinstance(f, torch.Tensor) else torch.float32)
+    # the eager CPU ext op checks the label range and finite weights itself (same ValueErrors) while
+    # it reads them anyway; elsewhere they are checked here first
+    cpu_ext = backend == "ext" and device_type == "cpu" and not compiling
     _, _, _, _, tau, margin, entropy_weight = _checks.check_multi_expert_loss_args(
-        f, T, y, w, temperature, margin, entropy_weight, check_values=not compiling
+        f, T, y, w, temperature, margin, entropy_weight, check_values=not compiling and not cpu_ext,
+        defer_temperature=compiling,
     )
-    backend = _choose_backend(f.device.type, f.dtype)
     if backend == "eager":
         return reference.multi_expert_loss(f, T, y, w, temperature, margin=margin, entropy_weight=entropy_weight)
     tau_tensor = None
