@@ -188,6 +188,14 @@ def test_opcheck_cpp_composite_ops():
         bwd = (torch.randn_like(out), args[0], args[1], args[2], args[4], q, keys, cosine,
                [True, True, True, False, True, True])
         torch.library.opcheck(torch.ops.guidg_fast.cmattn_fused_backward.default, bwd)
+    # called directly on inputs that require grad, in grad mode: raw values (the GEMMs write into
+    # pooled out= buffers, which autograd would refuse)
+    grad_args = [a.detach().requires_grad_() for a in args]
+    out, q, keys = torch.ops.guidg_fast.cmattn_fused_forward(*grad_args, True)
+    torch.testing.assert_close(out, reference.cross_modal_attention(*args, "cosine"), rtol=1e-5, atol=1e-6)
+    grads = torch.ops.guidg_fast.cmattn_fused_backward(torch.ones_like(out), *grad_args[:3], grad_args[4], q, keys,
+                                                      True, [True] * 6)
+    assert len(grads) == 6 and all(g.numel() > 0 for g in grads)
 
 
 @pytest.mark.skipif("ext" not in _backend.available("cmattn", "cpu"), reason="guidg_fast._C not built")
@@ -377,3 +385,35 @@ def test_large_cpu_outputs_reuse_pooled_memory():
     torch.save(second[:1].clone(), buf)
     buf.seek(0)
     assert torch.equal(torch.load(buf), second[:1])
+
+
+@pytest.mark.skipif("ext" not in _backend.available("cmattn", "cpu"), reason="guidg_fast._C not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpu_whole_op_path(dtype):
+    # float32 / float64 CPU tensors take the CPU kernels of cmattn_fused_forward / _backward (BLAS on
+    # raw buffers, dbv summed inside the score kernel) instead of the ATen composite: same values,
+    # none of the composite's ATen GEMMs, and the backward accepts q in either layout
+    torch.manual_seed(3)
+    B, K, C, D, H = 7, 3, 11, 33, 4
+    f, T = torch.randn(B, D, dtype=dtype), torch.randn(K, C, D, dtype=dtype)
+    params = [torch.randn(H, D, D, dtype=dtype) * 0.2, torch.randn(H, D, dtype=dtype), torch.randn(H, C, dtype=dtype),
+              torch.randn(H, dtype=dtype)]
+    ops_ = torch.ops.guidg_fast
+    with torch.profiler.profile() as prof:
+        out, q, keys = ops_.cmattn_fused_forward(f, T, *params, True)
+        grads = ops_.cmattn_fused_backward(torch.ones_like(out), f, T, params[0], params[2], q, keys, True, [True] * 6)
+    names = {e.name for e in prof.events()}
+    assert not names & {"aten::addmm", "aten::baddbmm", "aten::mm", "aten::bmm", "aten::matmul"}, names
+    assert q.stride() == (1, D * B, B)  # the batch-minor view of (H*D, B)
+    f_, T_ = f.clone().requires_grad_(), T.clone().requires_grad_()
+    p_ = [p.clone().requires_grad_() for p in params]
+    ref = reference.cross_modal_attention(f_, T_, *p_, "cosine")
+    expected = torch.autograd.grad(ref.sum(), [f_, T_, *p_])
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out, ref.detach(), **tol)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, **tol)
+    again = ops_.cmattn_fused_backward(torch.ones_like(out), f, T, params[0], params[2], q.contiguous(), keys, True,
+                                       [True] * 6)
+    for got, want in zip(again, expected):
+        torch.testing.assert_close(got, want, **tol)

@@ -18,6 +18,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cmattn_cpu.h"
 #include "common.h"
 #include "output_pool.h"
 
@@ -82,11 +83,45 @@ Dims check_params(const at::Tensor& f, const at::Tensor& T, const at::Tensor& wv
   return d;
 }
 
+using FusedForward = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// guidg_fast::cmattn_fused_forward / _backward through the dispatcher: CPU tensors reach the CPU
+// whole-op kernels (csrc/cpu/cmattn.cpp), others -- CUDA, and the meta / fake tensors of tracing --
+// the composite below.
+FusedForward fused_forward(const at::Tensor& f, const at::Tensor& T, const at::Tensor& wv, const at::Tensor& bv,
+                           const at::Tensor& wt, const at::Tensor& bt, bool cosine) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("guidg_fast::cmattn_fused_forward", "")
+                             .typed<FusedForward(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>();
+  return op.call(f, T, wv, bv, wt, bt, cosine);
+}
+
+std::vector<at::Tensor> fused_backward(const at::Tensor& grad_out, const at::Tensor& f, const at::Tensor& T,
+                                       const at::Tensor& wv, const at::Tensor& wt, const at::Tensor& q,
+                                       const at::Tensor& keys, bool cosine, std::array<bool, 6> needs) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("guidg_fast::cmattn_fused_backward", "")
+          .typed<std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
+                                         std::array<bool, 6>)>();
+  return op.call(grad_out, f, T, wv, wt, q, keys, cosine, needs);
+}
+
+}  // namespace
+
+void cmattn_check_params(const at::Tensor& f, const at::Tensor& T, const at::Tensor& wv, const at::Tensor& bv,
+                         const at::Tensor& wt, const at::Tensor& bt) {
+  check_params(f, T, wv, bv, wt, bt);
+}
+
 // -> (out (B, K) in f's dtype, q (B, H, D), keys (K, H, D)); q and keys (compute dtype) feed the backward
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cmattn_fused_forward(const at::Tensor& f_in, const at::Tensor& T_in,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cmattn_composite_forward(const at::Tensor& f_in, const at::Tensor& T_in,
                                                                     const at::Tensor& wv_in, const at::Tensor& bv_in,
                                                                     const at::Tensor& wt_in, const at::Tensor& bt_in,
                                                                     bool cosine) {
+  at::NoGradGuard no_grad;  // raw values (the callers own the autograd): lets the GEMMs write into out=
   const Dims d = check_params(f_in, T_in, wv_in, bv_in, wt_in, bt_in);
   const at::ScalarType dtype = is_half(f_in.scalar_type()) ? at::kFloat : f_in.scalar_type();
   const at::Tensor f = compute(f_in, dtype), T = compute(T_in, dtype).contiguous();
@@ -110,10 +145,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cmattn_fused_forward(const at::Te
 }
 
 // -> (df, dT, dwv, dbv, dwt, dbt) in f's dtype; one not asked for in needs comes back empty
-std::vector<at::Tensor> cmattn_fused_backward(const at::Tensor& grad_out, const at::Tensor& f_in,
+std::vector<at::Tensor> cmattn_composite_backward(const at::Tensor& grad_out, const at::Tensor& f_in,
                                               const at::Tensor& T_in, const at::Tensor& wv_in,
                                               const at::Tensor& wt_in, const at::Tensor& q, const at::Tensor& keys,
                                               bool cosine, std::array<bool, 6> needs) {
+  at::NoGradGuard no_grad;
   GF_CHECK_DIM(q, 3, "q (B, H, D)");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const at::ScalarType dtype = q.scalar_type(), grad_dtype = f_in.scalar_type();
@@ -141,10 +177,12 @@ std::vector<at::Tensor> cmattn_fused_backward(const at::Tensor& grad_out, const 
   };
 }
 
+namespace {
+
 struct CmattnFunction : public torch::autograd::Function<CmattnFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& f, const at::Tensor& T, const at::Tensor& wv,
                             const at::Tensor& bv, const at::Tensor& wt, const at::Tensor& bt, bool cosine) {
-    auto [out, q, keys] = cmattn_fused_forward(f, T, wv, bv, wt, bt, cosine);
+    auto [out, q, keys] = fused_forward(f, T, wv, bv, wt, bt, cosine);
     ctx->save_for_backward({f, T, wv, wt, q, keys});
     ctx->saved_data["cosine"] = cosine;
     ctx->set_materialize_grads(false);
@@ -158,7 +196,7 @@ struct CmattnFunction : public torch::autograd::Function<CmattnFunction> {
     for (size_t i = 0; i < needs.size(); ++i) any |= (needs[i] = ctx->needs_input_grad(i));
     if (!grads[0].defined() || !any) return result;  // undefined: the output was not used
     const auto saved = ctx->get_saved_variables();
-    auto g = cmattn_fused_backward(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
+    auto g = fused_backward(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
                                    ctx->saved_data["cosine"].toBool(), needs);
     for (size_t i = 0; i < needs.size(); ++i) {
       if (needs[i]) result[i] = std::move(g[i]);
@@ -175,7 +213,7 @@ at::Tensor cmattn_autograd(const at::Tensor& f, const at::Tensor& T, const at::T
 // below autograd (inference mode, or inputs that need no gradient): the forward alone
 at::Tensor cmattn_plain(const at::Tensor& f, const at::Tensor& T, const at::Tensor& wv, const at::Tensor& bv,
                         const at::Tensor& wt, const at::Tensor& bt, bool cosine) {
-  return std::get<0>(cmattn_fused_forward(f, T, wv, bv, wt, bt, cosine));
+  return std::get<0>(fused_forward(f, T, wv, bv, wt, bt, cosine));
 }
 
 }  // namespace
@@ -184,8 +222,8 @@ TORCH_LIBRARY_IMPL(guidg_fast, Autograd, m) { m.impl("cmattn", &cmattn_autograd)
 
 TORCH_LIBRARY_IMPL(guidg_fast, CompositeExplicitAutograd, m) {
   m.impl("cmattn", &cmattn_plain);
-  m.impl("cmattn_fused_forward", &cmattn_fused_forward);
-  m.impl("cmattn_fused_backward", &cmattn_fused_backward);
+  m.impl("cmattn_fused_forward", &cmattn_composite_forward);
+  m.impl("cmattn_fused_backward", &cmattn_composite_backward);
 }
 
 }  // namespace guidg_fast

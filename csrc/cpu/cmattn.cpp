@@ -9,12 +9,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "cmattn.h"
+#include "cmattn_cpu.h"
 #include "cpu_blas.h"
 #include "outputs.h"
 
@@ -164,7 +166,7 @@ template <typename scalar_t, typename acc_t, bool kBatchMinor>
 GF_CMATTN_CLONES void head_gradients(const scalar_t* qp, int64_t sb_runtime, int64_t sd, const scalar_t* kp,
                                      const acc_t* qw, const acc_t* coef, const acc_t* self, int64_t h, int64_t B,
                                      int64_t H, int64_t K, int64_t D, acc_t* __restrict__ row, scalar_t* dqp,
-                                     scalar_t* dkp) {
+                                     scalar_t* dkp, scalar_t* dbvp) {
   const int64_t sb = kBatchMinor ? 1 : sb_runtime;
   // batch-minor: dkey_h (K x D) = coef (K x B) q_h (B x D) is one small GEMM on q_h^T (D x B,
   // contiguous) -- a per-(k, d) dot over the batch would end in a horizontal sum each time
@@ -182,6 +184,16 @@ GF_CMATTN_CLONES void head_gradients(const scalar_t* qp, int64_t sb_runtime, int
       }
     }
     for (int64_t b = 0; b < B; ++b) dcol[b * sb] = static_cast<scalar_t>(row[b]);
+    if (dbvp != nullptr) {  // dbv_{h,d} = sum_b dq_{b,h,d}, from the row just written
+      acc_t lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int64_t b = 0;
+      for (; b + 8 <= B; b += 8) {
+        for (int j = 0; j < 8; ++j) lanes[j] += row[b + j];
+      }
+      acc_t sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+      for (; b < B; ++b) sum += row[b];
+      dbvp[h * D + d] = static_cast<scalar_t>(sum);
+    }
   }
   if constexpr (kGemmKeys) {
     for (int64_t k = 0; k < K; ++k) {
@@ -199,7 +211,7 @@ GF_CMATTN_CLONES void head_gradients(const scalar_t* qp, int64_t sb_runtime, int
 template <typename scalar_t, typename acc_t>
 void assemble_gradients(bool cosine, const scalar_t* qp, const QLayout& L, const scalar_t* kp, const acc_t* knorm,
                         const acc_t* coef, const acc_t* q_weight, const acc_t* key_sum, int64_t B, int64_t H, int64_t K,
-                        int64_t D, scalar_t* dqp, scalar_t* dkp) {
+                        int64_t D, scalar_t* dqp, scalar_t* dkp, scalar_t* dbvp) {
   at::parallel_for(0, H, head_grain(B, K, D), [&](int64_t lo, int64_t hi) {
     std::vector<acc_t> row(B), self(K);
     for (int64_t h = lo; h < hi; ++h) {
@@ -208,10 +220,10 @@ void assemble_gradients(bool cosine, const scalar_t* qp, const QLayout& L, const
       const acc_t* ch = coef + h * K * B;
       if (L.batch_minor) {
         head_gradients<scalar_t, acc_t, true>(qp, L.sb, L.sd, kp, qw, ch, self.data(), h, B, H, K, D, row.data(), dqp,
-                                              dkp);
+                                              dkp, dbvp);
       } else {
         head_gradients<scalar_t, acc_t, false>(qp, L.sb, L.sd, kp, qw, ch, self.data(), h, B, H, K, D, row.data(),
-                                               dqp, dkp);
+                                               dqp, dkp, dbvp);
       }
     }
   });
@@ -243,8 +255,9 @@ at::Tensor cmattn_forward_cpu(const at::Tensor& q, const at::Tensor& keys, bool 
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> cmattn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q,
-                                                        const at::Tensor& keys, bool cosine) {
+// dq (q's layout) and dkey; with dbv defined ((H, D), q's dtype) also dbv = sum_b dq_b
+std::tuple<at::Tensor, at::Tensor> score_backward(const at::Tensor& grad_out, const at::Tensor& q,
+                                                  const at::Tensor& keys, bool cosine, const at::Tensor& dbv) {
   check_inputs(q, keys, "cmattn_backward");
   const QLayout L = q_layout(q, "cmattn_backward");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), K = keys.size(0);
@@ -292,9 +305,132 @@ std::tuple<at::Tensor, at::Tensor> cmattn_backward_cpu(const at::Tensor& grad_ou
     }
 
     assemble_gradients<scalar_t, acc_t>(cosine, qp, L, kp, knorm.data(), coef.data(), q_weight.data(), key_sum.data(), B,
-                                        H, K, D, dqp, dkp);
+                                        H, K, D, dqp, dkp, dbv.defined() ? dbv.data_ptr<scalar_t>() : nullptr);
   });
   return {dq, dkey};
+}
+
+std::tuple<at::Tensor, at::Tensor> cmattn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q,
+                                                        const at::Tensor& keys, bool cosine) {
+  return score_backward(grad_out, q, keys, cosine, at::Tensor());
+}
+
+}  // namespace
+
+// ---- whole-op CPU paths of cmattn_fused_forward / cmattn_fused_backward (csrc/include/cmattn_cpu.h)
+// The same GEMMs as the device-generic composite (csrc/autograd/cmattn.cpp), but straight into
+// BLAS on raw buffers (cpu_blas.h) and the score kernels called directly: at step-2 shapes the
+// composite's dozen small ATen calls (bias broadcasts, a batched GEMM over an expanded operand,
+// reductions for dbv / dwt / dbt) cost as much as the fused kernels themselves on a 2-core CPU.
+
+bool cmattn_cpu_whole_op(const at::Tensor& f, const at::Tensor& T, const at::Tensor& wv) {
+  const auto t = f.scalar_type();
+  return f.device().is_cpu() && (t == at::kFloat || t == at::kDouble) && T.scalar_type() == t &&
+         wv.scalar_type() == t && cpu_blas::blas_usable();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cmattn_cpu_forward(const at::Tensor& f_in, const at::Tensor& T_in,
+                                                                  const at::Tensor& wv_in, const at::Tensor& bv_in,
+                                                                  const at::Tensor& wt_in, const at::Tensor& bt_in,
+                                                                  bool cosine) {
+  const at::Tensor f = f_in.contiguous(), T = T_in.contiguous(), wv = wv_in.contiguous(), bv = bv_in.contiguous(),
+                   wt = wt_in.contiguous(), bt = bt_in.contiguous();
+  const int64_t B = f.size(0), D = f.size(1), K = T.size(0), C = T.size(1), H = wv.size(0);
+  // q as W f^T: (H*D, D) x (D, B), bias first; read as the batch-minor (B, H, D) view
+  at::Tensor q = new_output({H * D, B}, f.options());
+  at::Tensor keys = new_output({K, H, D}, f.options());
+  AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "cmattn_cpu_forward", [&] {
+    scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* bvp = bv.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < H * D; ++i) std::fill(qp + i * B, qp + (i + 1) * B, bvp[i]);
+    cpu_blas::gemm<scalar_t>(false, true, H * D, B, D, 1, wv.data_ptr<scalar_t>(), D, f.data_ptr<scalar_t>(), D, 1, qp,
+                             B);
+    // keys_k = wt T_k + bt: (H, C) x (C, D) per expert
+    scalar_t* kp = keys.data_ptr<scalar_t>();
+    const scalar_t* btp = bt.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t h = 0; h < H; ++h) std::fill(kp + (k * H + h) * D, kp + (k * H + h + 1) * D, btp[h]);
+      cpu_blas::gemm<scalar_t>(false, false, H, D, C, 1, wt.data_ptr<scalar_t>(), C, T.data_ptr<scalar_t>() + k * C * D,
+                               D, 1, kp + k * H * D, D);
+    }
+  });
+  q = q.t().view({B, H, D});
+  return {cmattn_forward_cpu(q, keys, cosine), q, keys};
+}
+
+std::vector<at::Tensor> cmattn_cpu_backward(const at::Tensor& grad_out, const at::Tensor& f_in, const at::Tensor& T_in,
+                                            const at::Tensor& wv_in, const at::Tensor& wt_in, const at::Tensor& q,
+                                            const at::Tensor& keys, bool cosine, std::array<bool, 6> needs) {
+  const at::Tensor f = f_in.contiguous(), T = T_in.contiguous(), wv = wv_in.contiguous(), wt = wt_in.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), K = keys.size(0), C = T.size(1);
+  const auto options = f.options();
+  auto none = [&] { return at::empty({0}, options); };  // one per slot: outputs must not alias
+  at::Tensor dbv = needs[3] ? new_output({H, D}, options) : at::Tensor();
+  auto [dq, dkey] = score_backward(grad_out.to(f.scalar_type()).contiguous(), q, keys, cosine, dbv);
+  const QLayout L = q_layout(dq, "cmattn_backward");
+  at::Tensor df = needs[0] ? new_output({B, D}, options) : none();
+  at::Tensor dT = needs[1] ? new_output({K, C, D}, options) : none();
+  at::Tensor dwv = needs[2] ? new_output({H, D, D}, options) : none();
+  at::Tensor dwt = needs[4] ? new_output({H, C}, options) : none();
+  at::Tensor dbt = needs[5] ? new_output({H}, options) : none();
+  AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "cmattn_cpu_backward", [&] {
+    const scalar_t* dqp = dq.data_ptr<scalar_t>();  // (H*D, B) batch-minor, or (B, H*D)
+    const scalar_t* dkp = dkey.data_ptr<scalar_t>();
+    const scalar_t* Tp = T.data_ptr<scalar_t>();
+    const bool bm = L.batch_minor;
+    if (needs[0]) {  // df = dq W: (B, H*D) x (H*D, D)
+      cpu_blas::gemm<scalar_t>(bm, false, B, D, H * D, 1, dqp, bm ? B : H * D, wv.data_ptr<scalar_t>(), D, 0,
+                               df.data_ptr<scalar_t>(), D);
+    }
+    if (needs[1]) {  // dT_k = wt^T dkey_k: (C, H) x (H, D)
+      for (int64_t k = 0; k < K; ++k) {
+        cpu_blas::gemm<scalar_t>(true, false, C, D, H, 1, wt.data_ptr<scalar_t>(), C, dkp + k * H * D, D, 0,
+                                 dT.data_ptr<scalar_t>() + k * C * D, D);
+      }
+    }
+    if (needs[2]) {  // every head at once: dWv = dq^T f, (H*D, B) x (B, D)
+      cpu_blas::gemm<scalar_t>(!bm, false, H * D, D, B, 1, dqp, bm ? B : H * D, f.data_ptr<scalar_t>(), D, 0,
+                               dwv.data_ptr<scalar_t>(), D);
+    }
+    if (needs[4]) {  // dwt = sum_k dkey_k T_k^T: (H, D) x (D, C)
+      for (int64_t k = 0; k < K; ++k) {
+        cpu_blas::gemm<scalar_t>(false, true, H, C, D, 1, dkp + k * H * D, D, Tp + k * C * D, D, k == 0 ? 0 : 1,
+                                 dwt.data_ptr<scalar_t>(), C);
+      }
+    }
+    if (needs[5]) {  // dbt_h = sum over experts and features of dkey
+      using acc_t = at::opmath_type<scalar_t>;
+      scalar_t* out = dbt.data_ptr<scalar_t>();
+      for (int64_t h = 0; h < H; ++h) {
+        acc_t sum = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          for (int64_t d = 0; d < D; ++d) sum += static_cast<acc_t>(dkp[(k * H + h) * D + d]);
+        }
+        out[h] = static_cast<scalar_t>(sum);
+      }
+    }
+  });
+  return {df, dT, dwv, needs[3] ? dbv : none(), dwt, dbt};
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cmattn_fused_forward_cpu(const at::Tensor& f, const at::Tensor& T,
+                                                                        const at::Tensor& wv, const at::Tensor& bv,
+                                                                        const at::Tensor& wt, const at::Tensor& bt,
+                                                                        bool cosine) {
+  cmattn_check_params(f, T, wv, bv, wt, bt);
+  if (!cmattn_cpu_whole_op(f, T, wv)) return cmattn_composite_forward(f, T, wv, bv, wt, bt, cosine);
+  return cmattn_cpu_forward(f, T, wv, bv, wt, bt, cosine);
+}
+
+std::vector<at::Tensor> cmattn_fused_backward_cpu(const at::Tensor& grad_out, const at::Tensor& f, const at::Tensor& T,
+                                                  const at::Tensor& wv, const at::Tensor& wt, const at::Tensor& q,
+                                                  const at::Tensor& keys, bool cosine, std::array<bool, 6> needs) {
+  if (!cmattn_cpu_whole_op(f, T, wv) || q.scalar_type() != f.scalar_type() || wt.scalar_type() != f.scalar_type()) {
+    return cmattn_composite_backward(grad_out, f, T, wv, wt, q, keys, cosine, needs);
+  }
+  return cmattn_cpu_backward(grad_out, f, T, wv, wt, q, keys, cosine, needs);
 }
 
 }  // namespace
@@ -302,6 +438,8 @@ std::tuple<at::Tensor, at::Tensor> cmattn_backward_cpu(const at::Tensor& grad_ou
 TORCH_LIBRARY_IMPL(guidg_fast, CPU, m) {
   m.impl("cmattn_forward", &cmattn_forward_cpu);
   m.impl("cmattn_backward", &cmattn_backward_cpu);
+  m.impl("cmattn_fused_forward", &cmattn_fused_forward_cpu);
+  m.impl("cmattn_fused_backward", &cmattn_fused_backward_cpu);
 }
 
 }  // namespace guidg_fast
