@@ -69,7 +69,7 @@ at::Tensor like_q(const at::Tensor& q, const QLayout& layout) {
 // Heads run in parallel only when a head's share of the work is worth a thread wake-up: the
 // step-2 shapes (B = 36, K = 3, D = 512) are a few hundred thousand multiply-adds per call, faster
 // on one thread (a parallel region costs more, and far more on a loaded machine).
-constexpr int64_t kWorkPerChunk = 1 << 20;
+constexpr int64_t kWorkPerChunk = 1 << 16;
 
 int64_t head_grain(int64_t B, int64_t K, int64_t D) {
   return std::max<int64_t>(1, kWorkPerChunk / std::max<int64_t>(1, B * (K + 1) * D));
