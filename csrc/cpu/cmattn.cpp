@@ -345,14 +345,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cmattn_cpu_forward(const at::Tens
     for (int64_t i = 0; i < H * D; ++i) std::fill(qp + i * B, qp + (i + 1) * B, bvp[i]);
     cpu_blas::gemm<scalar_t>(false, true, H * D, B, D, 1, wv.data_ptr<scalar_t>(), D, f.data_ptr<scalar_t>(), D, 1, qp,
                              B);
-    // keys_k = wt T_k + bt: (H, C) x (C, D) per expert
+
+    // keys_k = wt T_k + bt, an (H, C) x (C, D) product per expert. One expert per task: inside a
+    // parallel region BLAS runs on the calling thread, so these small products skip BLAS's own
+    // thread team, which costs more than the product at H = 4 rows (~30 us per call here)
     scalar_t* kp = keys.data_ptr<scalar_t>();
+    const scalar_t* Tp = T.data_ptr<scalar_t>();
+    const scalar_t* wtp = wt.data_ptr<scalar_t>();
     const scalar_t* btp = bt.data_ptr<scalar_t>();
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t h = 0; h < H; ++h) std::fill(kp + (k * H + h) * D, kp + (k * H + h + 1) * D, btp[h]);
-      cpu_blas::gemm<scalar_t>(false, false, H, D, C, 1, wt.data_ptr<scalar_t>(), C, T.data_ptr<scalar_t>() + k * C * D,
-                               D, 1, kp + k * H * D, D);
-    }
+    at::parallel_for(0, K, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t k = lo; k < hi; ++k) {
+        for (int64_t h = 0; h < H; ++h) std::fill(kp + (k * H + h) * D, kp + (k * H + h + 1) * D, btp[h]);
+        cpu_blas::gemm<scalar_t>(false, false, H, D, C, 1, wtp, C, Tp + k * C * D, D, 1, kp + k * H * D, D);
+      }
+    });
   });
   q = q.t().view({B, H, D});
   return {cmattn_forward_cpu(q, keys, cosine), q, keys};
@@ -392,11 +398,18 @@ std::vector<at::Tensor> cmattn_cpu_backward(const at::Tensor& grad_out, const at
       cpu_blas::gemm<scalar_t>(!bm, false, H * D, D, B, 1, dqp, bm ? B : H * D, f.data_ptr<scalar_t>(), D, 0,
                                dwv.data_ptr<scalar_t>(), D);
     }
-    if (needs[4]) {  // dwt = sum_k dkey_k T_k^T: (H, D) x (D, C)
-      for (int64_t k = 0; k < K; ++k) {
-        cpu_blas::gemm<scalar_t>(false, true, H, C, D, 1, dkp + k * H * D, D, Tp + k * C * D, D, k == 0 ? 0 : 1,
-                                 dwt.data_ptr<scalar_t>(), C);
-      }
+    if (needs[4]) {  // dwt = sum_k dkey_k T_k^T, (H, D) x (D, C) per expert, in class-block tasks (as keys)
+      scalar_t* dwtp = dwt.data_ptr<scalar_t>();
+      constexpr int64_t kClassBlock = 64;
+      at::parallel_for(0, (C + kClassBlock - 1) / kClassBlock, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t blk = lo; blk < hi; ++blk) {
+          const int64_t c0 = blk * kClassBlock, n = std::min(kClassBlock, C - c0);
+          for (int64_t k = 0; k < K; ++k) {
+            cpu_blas::gemm<scalar_t>(false, true, H, n, D, 1, dkp + k * H * D, D, Tp + (k * C + c0) * D, D,
+                                     k == 0 ? 0 : 1, dwtp + c0, C);
+          }
+        }
+      });
     }
     if (needs[5]) {  // dbt_h = sum over experts and features of dkey
       using acc_t = at::opmath_type<scalar_t>;
