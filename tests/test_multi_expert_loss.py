@@ -294,3 +294,23 @@ def test_cuda_default_backend_float64_and_bf16():
     lb = ops.multi_expert_loss(fb, T.detach().bfloat16(), y, w.detach().bfloat16(), 100.0, margin=0.3)
     lb.backward()
     assert lb.dtype == torch.bfloat16 and torch.isfinite(fb.grad.float()).all()
+
+
+@pytest.mark.skipif(not EXT_BUILT, reason="guidg_fast._C not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("per_sample", [False, True], ids=["batch", "per_sample"])
+@pytest.mark.parametrize("margin", [0.0, 0.3])
+def test_cpu_many_classes_split_forward(dtype, per_sample, margin, monkeypatch):
+    # one expert's features above 1 MB (C * D * 4 bytes): the CPU forward that keeps o runs
+    # (expert, row block, class split) tasks and merges the splits; with T requiring grad the
+    # backward also sweeps the classes again against its lse
+    monkeypatch.setenv("GUIDG_FAST_POISON", "1")
+    torch.manual_seed(5)
+    f, T, y, w = _inputs(5, 2, 2100, 128, per_sample, dtype=dtype)
+    y[0], y[1] = 0, 2099  # first and last class: the targets sit in the first and the last split
+    loss, grads = _loss_and_grads(ops, f, T, y, w, 100.0, margin, 0.0, backend="ext")
+    ref_loss, ref_grads = _loss_and_grads(reference, f, T, y, w, 100.0, margin, 0.0)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    assert_close(loss, ref_loss, "loss", tol=tol)
+    for name, g, r in zip(("df", "dT", "dw"), grads, ref_grads):
+        assert_close(g, r, name, tol=tol)
