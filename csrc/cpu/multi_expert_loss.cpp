@@ -250,6 +250,33 @@ Inputs<scalar_t> raw_inputs(const at::Tensor& f, const at::Tensor& T, const at::
           scalar_t(1) / static_cast<scalar_t>(s.B), threads_for(s.B, s.K, s.C, s.D)};
 }
 
+// Rows [b0, b0 + n) of expert k (g: their possibly margin-shifted features) against classes
+// [c_begin, c_end) in class tiles: every row's online LSE state, target[i] = its target logit where
+// y falls in the range (untouched otherwise), and with acc_o the exp-weighted sum of the class
+// features relative to the running max.
+template <typename scalar_t>
+void sweep_classes(const Inputs<scalar_t>& in, int64_t k, int64_t b0, int64_t n, const scalar_t* g, int64_t c_begin,
+                   int64_t c_end, OnlineLse<scalar_t>* state, scalar_t* target, scalar_t* z, scalar_t* acc_o) {
+  using acc_t = scalar_t;
+  const Shapes& s = in.s;
+  const scalar_t* tk = in.expert(k);
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += kCpuClassTile) {
+    const int64_t ct = std::min<int64_t>(kCpuClassTile, c_end - c0);
+    const scalar_t* tile = tk + c0 * s.D;
+    gemm<scalar_t>(false, true, n, ct, s.D, 1, g, s.D, tile, s.D, 0, z, ct);  // z = g tile^T
+    for (int64_t i = 0; i < n; ++i) {
+      scalar_t* row = z + i * ct;
+      const acc_t tile_max = scale_max_row(row, ct, in.tau);
+      const int64_t yi = in.y[b0 + i] - c0;
+      if (yi >= 0 && yi < ct) target[i] = row[yi];
+      const acc_t alpha = state[i].rescale(tile_max);
+      state[i].sum += exp_sum_row(row, ct, static_cast<scalar_t>(state[i].max));  // row <- exp(z - max)
+      if (acc_o != nullptr && c0 > c_begin && alpha != acc_t(1)) scale_row(acc_o + i * s.D, alpha, s.D);
+    }
+    if (acc_o != nullptr) gemm<scalar_t>(false, false, n, s.D, ct, 1, z, ct, tile, s.D, 1, acc_o, s.D);
+  }
+}
+
 template <typename scalar_t>
 void forward_rows(const Inputs<scalar_t>& in, bool need_o, scalar_t* lse, scalar_t* ce, scalar_t* o) {
   using acc_t = scalar_t;
@@ -268,27 +295,13 @@ void forward_rows(const Inputs<scalar_t>& in, bool need_o, scalar_t* lse, scalar
       const int64_t b0 = (task % row_blocks) * rows;
       const int64_t n = std::min(rows, s.B - b0);
       const scalar_t* g = in.shifted_rows(k, b0, n, gbuf.data());
-      const scalar_t* tk = in.expert(k);
       std::fill(acc_o.begin(), acc_o.end(), scalar_t(0));
       for (int64_t i = 0; i < n; ++i) {
         state[i].init();
         target[i] = acc_t(0);
       }
-      for (int64_t c0 = 0; c0 < s.C; c0 += kCpuClassTile) {
-        const int64_t ct = std::min<int64_t>(kCpuClassTile, s.C - c0);
-        const scalar_t* tile = tk + c0 * s.D;
-        gemm<scalar_t>(false, true, n, ct, s.D, 1, g, s.D, tile, s.D, 0, z.data(), ct);  // z = g tile^T
-        for (int64_t i = 0; i < n; ++i) {
-          scalar_t* row = z.data() + i * ct;
-          const acc_t tile_max = scale_max_row(row, ct, in.tau);
-          const int64_t yi = in.y[b0 + i] - c0;
-          if (yi >= 0 && yi < ct) target[i] = row[yi];
-          const acc_t alpha = state[i].rescale(tile_max);
-          state[i].sum += exp_sum_row(row, ct, static_cast<scalar_t>(state[i].max));  // row <- exp(z - max)
-          if (need_o && c0 > 0 && alpha != acc_t(1)) scale_row(acc_o.data() + i * s.D, alpha, s.D);
-        }
-        if (need_o) gemm<scalar_t>(false, false, n, s.D, ct, 1, z.data(), ct, tile, s.D, 1, acc_o.data(), s.D);
-      }
+      sweep_classes<scalar_t>(in, k, b0, n, g, 0, s.C, state.data(), target.data(), z.data(),
+                              need_o ? acc_o.data() : nullptr);
       for (int64_t i = 0; i < n; ++i) {
         const int64_t bk = (b0 + i) * s.K + k;
         const acc_t l = state[i].lse();
@@ -321,11 +334,12 @@ void forward_rows_split(const Inputs<scalar_t>& in, scalar_t* lse, scalar_t* ce,
       1, std::min<int64_t>((2 * in.threads + base_tasks - 1) / base_tasks, s.C / 32));
   const int64_t per_split = (s.C + splits - 1) / splits;
   const int64_t BK = s.B * s.K;
-  std::vector<acc_t> pmax(splits * BK), psum(splits * BK), ptarget(splits * BK, acc_t(0));
+  std::vector<acc_t> pmax(splits * BK), psum(splits * BK), ptarget(splits * BK);
   std::vector<scalar_t> po(splits * BK * s.D);
   const int64_t ct_max = std::min<int64_t>(kCpuClassTile, per_split);
   at::parallel_for(0, base_tasks * splits, grain(base_tasks * splits, in.threads), [&](int64_t lo, int64_t hi) {
     std::vector<OnlineLse<acc_t>> state(rows);
+    std::vector<acc_t> target(rows);
     std::vector<scalar_t> gbuf(in.margin != scalar_t(0) ? rows * s.D : 0);
     std::vector<scalar_t> z(rows * ct_max);
     std::vector<scalar_t> acc_o(rows * s.D);
@@ -336,26 +350,15 @@ void forward_rows_split(const Inputs<scalar_t>& in, scalar_t* lse, scalar_t* ce,
       const int64_t n = std::min(rows, s.B - b0);
       const int64_t cs = sp * per_split, cend = std::min(s.C, cs + per_split);
       const scalar_t* g = in.shifted_rows(k, b0, n, gbuf.data());
-      const scalar_t* tk = in.expert(k);
       std::fill(acc_o.begin(), acc_o.begin() + n * s.D, scalar_t(0));
-      for (int64_t i = 0; i < n; ++i) state[i].init();
-      for (int64_t c0 = cs; c0 < cend; c0 += kCpuClassTile) {
-        const int64_t ct = std::min<int64_t>(kCpuClassTile, cend - c0);
-        const scalar_t* tile = tk + c0 * s.D;
-        gemm<scalar_t>(false, true, n, ct, s.D, 1, g, s.D, tile, s.D, 0, z.data(), ct);  // z = g tile^T
-        for (int64_t i = 0; i < n; ++i) {
-          scalar_t* row = z.data() + i * ct;
-          const acc_t tile_max = scale_max_row(row, ct, in.tau);
-          const int64_t yi = in.y[b0 + i] - c0;
-          if (yi >= 0 && yi < ct) ptarget[sp * BK + (b0 + i) * s.K + k] = row[yi];
-          const acc_t alpha = state[i].rescale(tile_max);
-          state[i].sum += exp_sum_row(row, ct, static_cast<scalar_t>(state[i].max));  // row <- exp(z - max)
-          if (c0 > cs && alpha != acc_t(1)) scale_row(acc_o.data() + i * s.D, alpha, s.D);
-        }
-        gemm<scalar_t>(false, false, n, s.D, ct, 1, z.data(), ct, tile, s.D, 1, acc_o.data(), s.D);
+      for (int64_t i = 0; i < n; ++i) {
+        state[i].init();
+        target[i] = acc_t(0);  // stays 0 where y falls in another split: the merge sums the splits'
       }
+      sweep_classes<scalar_t>(in, k, b0, n, g, cs, cend, state.data(), target.data(), z.data(), acc_o.data());
       for (int64_t i = 0; i < n; ++i) {
         const int64_t idx = sp * BK + (b0 + i) * s.K + k;
+        ptarget[idx] = target[i];
         pmax[idx] = state[i].max;
         psum[idx] = state[i].sum;
         std::copy(acc_o.data() + i * s.D, acc_o.data() + (i + 1) * s.D, po.data() + idx * s.D);
