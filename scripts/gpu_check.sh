@@ -36,6 +36,19 @@ cd /tmp  # import the installed package, not the source tree
 python3 -m guidg_fast info 2>&1 | tee -a "$LOG"
 cd - >/dev/null
 
+# A C++ exception from _C (TORCH_CHECK in a kernel) must reach Python as an error: on the H200's
+# torch 2.11 image (2026-11-26) the first one segfaulted the process (tests/test_cmattn.py::
+# test_cpu_kernels_reject_other_q_strides), where torch 2.14 here raises. Checked first, alone.
+python3 -P -c "
+import torch, guidg_fast
+try:
+    torch.ops.guidg_fast.cmattn_forward(torch.randn(4, 3, 8).transpose(0, 1), torch.randn(2, 4, 8), True)
+    print('C++ exception path: NO ERROR RAISED')
+except RuntimeError as e:
+    print('C++ exception path: ok (RuntimeError raised)')
+" 2>&1 | tail -3 | tee -a "$LOG"
+say "C++ exception path exit status: ${PIPESTATUS[0]} (139 = segfault)"
+
 t0=$(date +%s)
 # -P: do not put the repository root on sys.path (tests import the installed package)
 GUIDG_FAST_REQUIRE_EXT=1 timeout ${TEST_TIMEOUT:-200} python3 -P -m pytest tests -q -p no:cacheprovider -k "cuda" \
