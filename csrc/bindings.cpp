@@ -55,6 +55,14 @@ TORCH_LIBRARY(guidg_fast, m) {
   m.def("multi_expert_loss(Tensor f, Tensor T, Tensor y, Tensor w, float temperature, float margin, "
         "float entropy_weight) -> Tensor");
 
+  // --- guidance_loss (cmattn + expert weights + multi_expert_loss, GuiDG's step-2 guidance) ---
+  // One autograd node (csrc/autograd/guidance.cpp): w = cmattn(f.detach(), T.detach(), ...) averaged
+  // over the batch (per_sample false) or kept per sample, loss = multi_expert_loss(f, T, y, w, ...).
+  // -> (loss, w); w is not differentiable (it is returned for logging). Gradients flow to f and T
+  // through the loss and to wv, bv, wt, bt through w, as in the two ops composed.
+  m.def("guidance_loss(Tensor f, Tensor T, Tensor y, Tensor wv, Tensor bv, Tensor wt, Tensor bt, float temperature, "
+        "float margin, float entropy_weight, bool cosine, bool per_sample) -> (Tensor, Tensor)");
+
   // --- ensemble_logits ---
   // out (B, C) = temperature * sum_k w_k f @ T_k^T; w (K,) batch or (B, K) per-sample weights.
   m.def("ensemble_logits_forward(Tensor f, Tensor T, Tensor w, float temperature) -> Tensor");

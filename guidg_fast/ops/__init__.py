@@ -3,6 +3,7 @@ from ._backend import BACKENDS, choose, describe, extension_status, use_backend
 from .bma_update import bma_update_
 from .cmattn import cross_modal_attention
 from .ensemble_logits import ensemble_logits
+from .guidance import guidance_loss
 from .multi_expert_loss import multi_expert_loss
 from .prefix_attention import prefix_attention, prefix_attention_eager, prefix_attention_packed
 from .eot_project import eot_project, eot_project_eager
@@ -18,6 +19,7 @@ __all__ = [
     "eot_project",
     "eot_project_eager",
     "extension_status",
+    "guidance_loss",
     "multi_expert_loss",
     "prefix_attention",
     "prefix_attention_eager",

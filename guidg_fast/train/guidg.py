@@ -298,13 +298,13 @@ class GuiDG:
         base = BASELINES[self.config["baseline"]]
         T = self.expert_features
         f = self.encode_images(x)
-        w = self.attn(f, T)  # (B, K), CMAttn detaches f and T
-        if self.config["weight_mode"] == "batch":
-            w = w.mean(dim=0)
-        loss = ops.multi_expert_loss(
-            f, T, y, w, self.temperature, margin=base["margin"], entropy_weight=base["entropy_weight"]
+        # CMAttn weights (f and T detached inside, as the official code does), their batch mean in
+        # batch mode, and the multi-expert loss: one op (one autograd node with the CPU extension)
+        return ops.guidance_loss(
+            f, T, y, *self.attn.stacked_parameters(), self.temperature, margin=base["margin"],
+            entropy_weight=base["entropy_weight"], metric=self.attn.metric,
+            weights="batch" if self.config["weight_mode"] == "batch" else "per_sample",
         )
-        return loss, w
 
     def finetune(
         self,
