@@ -20,6 +20,7 @@
 
 #include "cmattn_cpu.h"
 #include "common.h"
+#include "dispatch_ops.h"
 #include "output_pool.h"
 
 namespace guidg_fast {
@@ -81,32 +82,6 @@ Dims check_params(const at::Tensor& f, const at::Tensor& T, const at::Tensor& wv
     TORCH_CHECK(x->device() == f.device(), name, " must be on f's device ", f.device(), ", got ", x->device());
   }
   return d;
-}
-
-using FusedForward = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-
-// guidg_fast::cmattn_fused_forward / _backward through the dispatcher: CPU tensors reach the CPU
-// whole-op kernels (csrc/cpu/cmattn.cpp), others -- CUDA, and the meta / fake tensors of tracing --
-// the composite below.
-FusedForward fused_forward(const at::Tensor& f, const at::Tensor& T, const at::Tensor& wv, const at::Tensor& bv,
-                           const at::Tensor& wt, const at::Tensor& bt, bool cosine) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("guidg_fast::cmattn_fused_forward", "")
-                             .typed<FusedForward(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>();
-  return op.call(f, T, wv, bv, wt, bt, cosine);
-}
-
-std::vector<at::Tensor> fused_backward(const at::Tensor& grad_out, const at::Tensor& f, const at::Tensor& T,
-                                       const at::Tensor& wv, const at::Tensor& wt, const at::Tensor& q,
-                                       const at::Tensor& keys, bool cosine, std::array<bool, 6> needs) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("guidg_fast::cmattn_fused_backward", "")
-          .typed<std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
-                                         std::array<bool, 6>)>();
-  return op.call(grad_out, f, T, wv, wt, q, keys, cosine, needs);
 }
 
 }  // namespace
@@ -182,7 +157,7 @@ namespace {
 struct CmattnFunction : public torch::autograd::Function<CmattnFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& f, const at::Tensor& T, const at::Tensor& wv,
                             const at::Tensor& bv, const at::Tensor& wt, const at::Tensor& bt, bool cosine) {
-    auto [out, q, keys] = fused_forward(f, T, wv, bv, wt, bt, cosine);
+    auto [out, q, keys] = dispatch::cmattn_fused_forward(f, T, wv, bv, wt, bt, cosine);
     ctx->save_for_backward({f, T, wv, wt, q, keys});
     ctx->saved_data["cosine"] = cosine;
     ctx->set_materialize_grads(false);
@@ -196,7 +171,7 @@ struct CmattnFunction : public torch::autograd::Function<CmattnFunction> {
     for (size_t i = 0; i < needs.size(); ++i) any |= (needs[i] = ctx->needs_input_grad(i));
     if (!grads[0].defined() || !any) return result;  // undefined: the output was not used
     const auto saved = ctx->get_saved_variables();
-    auto g = fused_backward(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
+    auto g = dispatch::cmattn_fused_backward(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
                                    ctx->saved_data["cosine"].toBool(), needs);
     for (size_t i = 0; i < needs.size(); ++i) {
       if (needs[i]) result[i] = std::move(g[i]);
@@ -213,7 +188,7 @@ at::Tensor cmattn_autograd(const at::Tensor& f, const at::Tensor& T, const at::T
 // below autograd (inference mode, or inputs that need no gradient): the forward alone
 at::Tensor cmattn_plain(const at::Tensor& f, const at::Tensor& T, const at::Tensor& wv, const at::Tensor& bv,
                         const at::Tensor& wt, const at::Tensor& bt, bool cosine) {
-  return std::get<0>(fused_forward(f, T, wv, bv, wt, bt, cosine));
+  return std::get<0>(dispatch::cmattn_fused_forward(f, T, wv, bv, wt, bt, cosine));
 }
 
 }  // namespace

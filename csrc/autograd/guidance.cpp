@@ -7,7 +7,6 @@
 // per step; on the 2-core CPU that was ~0.25 ms of a ~1.7 ms guidance step (the same C++ calls made
 // directly took ~1.45 ms). One node keeps the kernels and removes the rest.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -16,59 +15,13 @@
 #include <vector>
 
 #include "common.h"
+#include "dispatch_ops.h"
 
 namespace guidg_fast {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-using CmattnForward = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-using LossForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using LossBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-
-CmattnForward cmattn_forward_op(const at::Tensor& f, const at::Tensor& T, const at::Tensor& wv, const at::Tensor& bv,
-                                const at::Tensor& wt, const at::Tensor& bt, bool cosine) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("guidg_fast::cmattn_fused_forward", "")
-                             .typed<CmattnForward(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                  const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>();
-  return op.call(f, T, wv, bv, wt, bt, cosine);
-}
-
-std::vector<at::Tensor> cmattn_backward_op(const at::Tensor& grad_out, const at::Tensor& f, const at::Tensor& T,
-                                           const at::Tensor& wv, const at::Tensor& wt, const at::Tensor& q,
-                                           const at::Tensor& keys, bool cosine, std::array<bool, 6> needs) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("guidg_fast::cmattn_fused_backward", "")
-          .typed<std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
-                                         std::array<bool, 6>)>();
-  return op.call(grad_out, f, T, wv, wt, q, keys, cosine, needs);
-}
-
-LossForward loss_forward_op(const at::Tensor& f, const at::Tensor& T, const at::Tensor& y, const at::Tensor& w,
-                            double temperature, double margin, double entropy_weight, bool need_o) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("guidg_fast::multi_expert_loss_forward", "")
-                             .typed<LossForward(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                const at::Tensor&, double, double, double, bool)>();
-  return op.call(f, T, y, w, temperature, margin, entropy_weight, need_o);
-}
-
-LossBackward loss_backward_op(const at::Tensor& grad, const at::Tensor& f, const at::Tensor& T, const at::Tensor& y,
-                              const at::Tensor& w, const at::Tensor& lse, const at::Tensor& ce, const at::Tensor& o,
-                              const at::Tensor& pbar, double temperature, double margin, double entropy_weight,
-                              bool need_f, bool need_T, bool need_w) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("guidg_fast::multi_expert_loss_backward", "")
-          .typed<LossBackward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                              const at::Tensor&, double, double, double, bool, bool, bool)>();
-  return op.call(grad, f, T, y, w, lse, ce, o, pbar, temperature, margin, entropy_weight, need_f, need_T, need_w);
-}
 
 // float32 / float64 tensors of one dtype and device (guidg_fast.ops.guidance_loss checks shapes with
 // Python messages first and composes the two ops for other dtypes; this guards direct calls)
@@ -99,11 +52,11 @@ GuidanceForward guidance_forward(const at::Tensor& f, const at::Tensor& T, const
   GuidanceForward r;
   at::Tensor out;
   // the official code detaches f and T before CMAttn: its parameters alone get gradients there
-  std::tie(out, r.q, r.keys) = cmattn_forward_op(f.detach(), T.detach(), wv, bv, wt, bt, cosine);
+  std::tie(out, r.q, r.keys) = dispatch::cmattn_fused_forward(f.detach(), T.detach(), wv, bv, wt, bt, cosine);
   r.w = per_sample ? out : out.mean(0);
   r.y = y.scalar_type() == at::kLong ? y.contiguous() : y.to(at::kLong).contiguous();
   std::tie(r.loss, r.lse, r.ce, r.o, r.pbar) =
-      loss_forward_op(f.contiguous(), T.contiguous(), r.y, r.w.contiguous(), temperature, margin, entropy_weight,
+      dispatch::loss_forward(f.contiguous(), T.contiguous(), r.y, r.w.contiguous(), temperature, margin, entropy_weight,
                       need_o);
   return r;
 }
@@ -139,8 +92,9 @@ struct GuidanceFunction : public torch::autograd::Function<GuidanceFunction> {
     const double margin = ctx->saved_data["margin"].toDouble();
     const double entropy_weight = ctx->saved_data["entropy_weight"].toDouble();
     const at::Tensor grad = grads[0].scalar_type() == f.scalar_type() ? grads[0] : grads[0].to(f.scalar_type());
-    auto [df, dT, dw] = loss_backward_op(grad, f.contiguous(), T.contiguous(), y, w.contiguous(), s[4], s[5], s[6], s[7],
-                                         temperature, margin, entropy_weight, need_f, need_T, need_w);
+    auto [df, dT, dw] = dispatch::loss_backward(grad, f.contiguous(), T.contiguous(), y, w.contiguous(), s[4], s[5],
+                                                s[6], s[7], temperature, margin, entropy_weight, need_f, need_T,
+                                                need_w);
     if (need_f) result[0] = df;
     if (need_T) result[1] = dT;
     if (need_w) {
@@ -149,7 +103,7 @@ struct GuidanceFunction : public torch::autograd::Function<GuidanceFunction> {
       const at::Tensor grad_out = ctx->saved_data["per_sample"].toBool()
                                       ? dw.contiguous()
                                       : (dw / static_cast<double>(B)).unsqueeze(0).expand({B, K}).contiguous();
-      auto g = cmattn_backward_op(grad_out, f.detach(), T.detach(), s[8], s[9], s[10], s[11],
+      auto g = dispatch::cmattn_fused_backward(grad_out, f.detach(), T.detach(), s[8], s[9], s[10], s[11],
                                   ctx->saved_data["cosine"].toBool(), needs);
       for (int i = 2; i < 6; ++i) {
         if (needs[i]) result[i + 1] = std::move(g[i]);

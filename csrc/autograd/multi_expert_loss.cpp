@@ -6,9 +6,10 @@
 // path of guidg_fast.ops.multi_expert_loss calls guidg_fast::multi_expert_loss (this file);
 // torch.compile traces the Python custom op, which calls the same two kernels.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
+
+#include "dispatch_ops.h"
 
 #include <tuple>
 
@@ -17,31 +18,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-
-ForwardResult loss_forward(const at::Tensor& f, const at::Tensor& T, const at::Tensor& y, const at::Tensor& w,
-                           double temperature, double margin, double entropy_weight, bool need_o) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("guidg_fast::multi_expert_loss_forward", "")
-                             .typed<ForwardResult(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                  const at::Tensor&, double, double, double, bool)>();
-  return op.call(f, T, y, w, temperature, margin, entropy_weight, need_o);
-}
-
-BackwardResult loss_backward(const at::Tensor& grad, const at::Tensor& f, const at::Tensor& T, const at::Tensor& y,
-                             const at::Tensor& w, const at::Tensor& lse, const at::Tensor& ce, const at::Tensor& o,
-                             const at::Tensor& pbar, double temperature, double margin, double entropy_weight,
-                             bool need_f, bool need_T, bool need_w) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("guidg_fast::multi_expert_loss_backward", "")
-          .typed<BackwardResult(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const at::Tensor&, double, double, double, bool, bool, bool)>();
-  return op.call(grad, f, T, y, w, lse, ce, o, pbar, temperature, margin, entropy_weight, need_f, need_T, need_w);
-}
 
 // the kernels compute in fp32 or fp64: fp16 / bf16 inputs go in as fp32
 at::ScalarType compute_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -64,7 +40,7 @@ struct MultiExpertLossFunction : public torch::autograd::Function<MultiExpertLos
     const at::ScalarType dtype = compute_dtype(f.scalar_type());
     const at::Tensor fc = as_compute(f, dtype), Tc = as_compute(T, dtype), wc = as_compute(w, dtype);
     const at::Tensor yc = as_labels(y);
-    auto [loss, lse, ce, o, pbar] = loss_forward(fc, Tc, yc, wc, temperature, margin, entropy_weight, need_o);
+    auto [loss, lse, ce, o, pbar] = dispatch::loss_forward(fc, Tc, yc, wc, temperature, margin, entropy_weight, need_o);
     ctx->save_for_backward({fc, Tc, yc, wc, lse, ce, o, pbar});
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["margin"] = margin;
@@ -82,7 +58,7 @@ struct MultiExpertLossFunction : public torch::autograd::Function<MultiExpertLos
     if (!grads[0].defined() || !(need_f || need_T || need_w)) return result;
     const auto s = ctx->get_saved_variables();
     const at::Tensor grad = as_compute(grads[0], s[0].scalar_type());
-    auto [df, dT, dw] = loss_backward(grad, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7],
+    auto [df, dT, dw] = dispatch::loss_backward(grad, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7],
                                       ctx->saved_data["temperature"].toDouble(), ctx->saved_data["margin"].toDouble(),
                                       ctx->saved_data["entropy_weight"].toDouble(), need_f, need_T, need_w);
     if (need_f) result[0] = cast(df, ctx->saved_data["f_dtype"].toInt());
@@ -105,7 +81,7 @@ at::Tensor multi_expert_loss_autograd(const at::Tensor& f, const at::Tensor& T, 
 at::Tensor multi_expert_loss_plain(const at::Tensor& f, const at::Tensor& T, const at::Tensor& y, const at::Tensor& w,
                                    double temperature, double margin, double entropy_weight) {
   const at::ScalarType dtype = compute_dtype(f.scalar_type());
-  const at::Tensor loss = std::get<0>(loss_forward(as_compute(f, dtype), as_compute(T, dtype), as_labels(y),
+  const at::Tensor loss = std::get<0>(dispatch::loss_forward(as_compute(f, dtype), as_compute(T, dtype), as_labels(y),
                                                    as_compute(w, dtype), temperature, margin, entropy_weight, false));
   return loss.scalar_type() == f.scalar_type() ? loss : loss.to(f.scalar_type());
 }

@@ -460,7 +460,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_exp
     if (need_o && s.C * s.D * static_cast<int64_t>(sizeof(scalar_t)) > (int64_t(1) << 20)) {
       forward_rows_split<scalar_t>(in, lse.data_ptr<scalar_t>(), ce.data_ptr<scalar_t>(), o.data_ptr<scalar_t>());
     } else {
-      forward_rows<scalar_t>(in, need_o, lse.data_ptr<scalar_t>(), ce.data_ptr<scalar_t>(), need_o ? o.data_ptr<scalar_t>() : nullptr);
+      forward_rows<scalar_t>(in, need_o, lse.data_ptr<scalar_t>(), ce.data_ptr<scalar_t>(),
+                             need_o ? o.data_ptr<scalar_t>() : nullptr);
     }
     const scalar_t* cep = ce.data_ptr<scalar_t>();
     acc_t total = 0;
