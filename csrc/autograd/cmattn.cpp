@@ -21,7 +21,6 @@
 #include "cmattn_cpu.h"
 #include "common.h"
 #include "dispatch_ops.h"
-#include "output_pool.h"
 
 namespace guidg_fast {
 namespace {
@@ -96,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cmattn_composite_forward(const at
                                                                     const at::Tensor& wv_in, const at::Tensor& bv_in,
                                                                     const at::Tensor& wt_in, const at::Tensor& bt_in,
                                                                     bool cosine) {
-  at::NoGradGuard no_grad;  // raw values (the callers own the autograd): lets the GEMMs write into out=
+  at::NoGradGuard no_grad;  // raw values: the callers own the autograd
   const Dims d = check_params(f_in, T_in, wv_in, bv_in, wt_in, bt_in);
   const at::ScalarType dtype = is_half(f_in.scalar_type()) ? at::kFloat : f_in.scalar_type();
   const at::Tensor f = compute(f_in, dtype), T = compute(T_in, dtype).contiguous();
@@ -104,14 +103,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cmattn_composite_forward(const at
   // (H*D, D) x (D, B), the faster shape for a few dozen rows (~20% at B = 36, D = 512); q is then
   // the batch-minor view of that (H*D, B) result, which the CPU score kernels read as it is.
   const at::Tensor wv = compute(wv_in, dtype).reshape({d.H * d.D, d.D}), bv = compute(bv_in, dtype);
-  at::Tensor q;
-  if (f.device().is_cpu()) {
-    q = pooled_empty({d.H * d.D, d.B}, f.options().dtype(dtype));
-    at::addmm_out(q, bv.reshape({d.H * d.D, 1}), wv, f.t());
-    q = q.t().view({d.B, d.H, d.D});
-  } else {
-    q = at::addmm(bv.reshape({d.H * d.D}), f, wv.t()).view({d.B, d.H, d.D});
-  }
+  at::Tensor q = f.device().is_cpu()
+                     ? at::addmm(bv.reshape({d.H * d.D, 1}), wv, f.t()).t().view({d.B, d.H, d.D})
+                     : at::addmm(bv.reshape({d.H * d.D}), f, wv.t()).view({d.B, d.H, d.D});
   // every head's class pooling for every expert, bias included: (H, C) x (C, D) per expert
   at::Tensor keys =
       at::baddbmm(compute(bt_in, dtype).view({1, d.H, 1}), compute(wt_in, dtype).expand({d.K, d.H, d.C}), T);
@@ -140,12 +134,7 @@ std::vector<at::Tensor> cmattn_composite_backward(const at::Tensor& grad_out, co
   return {
       out(needs[0], [&] { return at::mm(dq_flat, compute(wv_in, dtype).reshape({H * D, D})); }),
       out(needs[1], [&] { return at::matmul(compute(wt_in, dtype).t(), dkey); }),  // (C, H) x (K, H, D) -> (K, C, D)
-      out(needs[2], [&] {  // all heads: (H*D, B) x (B, D)
-        at::Tensor dwv = pooled_empty({H, D, D}, f.options());
-        at::Tensor flat = dwv.view({H * D, D});
-        at::mm_out(flat, dq_flat.t(), f);
-        return dwv;
-      }),
+      out(needs[2], [&] { return at::mm(dq_flat.t(), f).view({H, D, D}); }),      // all heads: (H*D, B) x (B, D)
       out(needs[3], [&] { return dq.sum(0); }),
       out(needs[4], [&] { return at::bmm(dkey, T.transpose(1, 2)).sum(0); }),  // (K, H, C) summed over experts
       out(needs[5], [&] { return dkey.sum(at::IntArrayRef{0, 2}); }),

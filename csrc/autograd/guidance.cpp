@@ -14,7 +14,6 @@
 #include <tuple>
 #include <vector>
 
-#include "common.h"
 #include "dispatch_ops.h"
 
 namespace guidg_fast {
@@ -23,21 +22,12 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// float32 / float64 tensors of one dtype and device (guidg_fast.ops.guidance_loss checks shapes with
-// Python messages first and composes the two ops for other dtypes; this guards direct calls)
-void check_guidance_args(const at::Tensor& f, const at::Tensor& T, const at::Tensor& y,
-                         std::initializer_list<std::pair<const at::Tensor*, const char*>> params) {
-  GF_CHECK_DIM(f, 2, "f (B, D)");
+// The kernels behind both ops compute in float32 / float64 (guidg_fast.ops.guidance_loss composes
+// the two ops for other dtypes); shapes, dtypes and devices of the rest are checked by
+// cmattn_fused_forward and multi_expert_loss_forward themselves.
+void check_guidance_dtype(const at::Tensor& f) {
   TORCH_CHECK(f.scalar_type() == at::kFloat || f.scalar_type() == at::kDouble,
               "guidance_loss: f must be float32 or float64, got ", f.scalar_type());
-  TORCH_CHECK(T.scalar_type() == f.scalar_type() && T.device() == f.device(), "guidance_loss: T must have f's dtype ",
-              f.scalar_type(), " and device ", f.device(), ", got ", T.scalar_type(), " on ", T.device());
-  TORCH_CHECK(y.device() == f.device(), "guidance_loss: y must be on f's device ", f.device(), ", got ", y.device());
-  for (const auto& [x, name] : params) {
-    TORCH_CHECK(x->scalar_type() == f.scalar_type() && x->device() == f.device(), "guidance_loss: ", name,
-                " must have f's dtype ", f.scalar_type(), " and device ", f.device(), ", got ", x->scalar_type(),
-                " on ", x->device());
-  }
 }
 
 // (loss, w, and what the backward needs) without autograd
@@ -48,7 +38,7 @@ struct GuidanceForward {
 GuidanceForward guidance_forward(const at::Tensor& f, const at::Tensor& T, const at::Tensor& y, const at::Tensor& wv,
                                  const at::Tensor& bv, const at::Tensor& wt, const at::Tensor& bt, double temperature,
                                  double margin, double entropy_weight, bool cosine, bool per_sample, bool need_o) {
-  check_guidance_args(f, T, y, {{&wv, "wv"}, {&bv, "bv"}, {&wt, "wt"}, {&bt, "bt"}});
+  check_guidance_dtype(f);
   GuidanceForward r;
   at::Tensor out;
   // the official code detaches f and T before CMAttn: its parameters alone get gradients there

@@ -66,9 +66,9 @@ at::Tensor like_q(const at::Tensor& q, const QLayout& layout) {
   return new_output({H * D, B}, q.options()).t().view({B, H, D});
 }
 
-// Heads run in parallel only when a head's share of the work is worth a thread wake-up: the
-// step-2 shapes (B = 36, K = 3, D = 512) are a few hundred thousand multiply-adds per call, faster
-// on one thread (a parallel region costs more, and far more on a loaded machine).
+// Heads run in parallel only when a head's share of the work is worth a thread wake-up: tiny
+// shapes stay on one thread; the step-2 shapes (B = 36, K = 3, D = 512: ~74k multiply-adds per head
+// and pass) split their heads over the threads, which the GEMMs just before keep awake.
 constexpr int64_t kWorkPerChunk = 1 << 16;
 
 int64_t head_grain(int64_t B, int64_t K, int64_t D) {
@@ -84,17 +84,23 @@ int64_t head_grain(int64_t B, int64_t K, int64_t D) {
 #define GF_CMATTN_CLONES
 #endif
 
-// sum_b a[b] * x[b * stride] in eight independent lanes (vectorised, no serial add chain)
-template <typename scalar_t, typename acc_t>
-inline acc_t strided_dot(const acc_t* a, const scalar_t* x, int64_t stride, int64_t n) {
+// sum_i term(i) for i < n in eight independent lanes (vectorised, no serial add chain)
+template <typename acc_t, typename Term>
+inline acc_t lane_sum(int64_t n, Term term) {
   acc_t lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    for (int j = 0; j < 8; ++j) lanes[j] += a[i + j] * static_cast<acc_t>(x[(i + j) * stride]);
+    for (int j = 0; j < 8; ++j) lanes[j] += term(i + j);
   }
   acc_t tail = 0;
-  for (; i < n; ++i) tail += a[i] * static_cast<acc_t>(x[i * stride]);
+  for (; i < n; ++i) tail += term(i);
   return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail;
+}
+
+// sum_b a[b] * x[b * stride]
+template <typename scalar_t, typename acc_t>
+inline acc_t strided_dot(const acc_t* a, const scalar_t* x, int64_t stride, int64_t n) {
+  return lane_sum<acc_t>(n, [&](int64_t i) { return a[i] * static_cast<acc_t>(x[i * stride]); });
 }
 
 // Head h: nrm[b] = ||q_{b,h}||^2 and dk[k * B + b] = q_{b,h} . key_{k,h} (sums over d in order).
@@ -185,14 +191,7 @@ GF_CMATTN_CLONES void head_gradients(const scalar_t* qp, int64_t sb_runtime, int
     }
     for (int64_t b = 0; b < B; ++b) dcol[b * sb] = static_cast<scalar_t>(row[b]);
     if (dbvp != nullptr) {  // dbv_{h,d} = sum_b dq_{b,h,d}, from the row just written
-      acc_t lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      int64_t b = 0;
-      for (; b + 8 <= B; b += 8) {
-        for (int j = 0; j < 8; ++j) lanes[j] += row[b + j];
-      }
-      acc_t sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-      for (; b < B; ++b) sum += row[b];
-      dbvp[h * D + d] = static_cast<scalar_t>(sum);
+      dbvp[h * D + d] = static_cast<scalar_t>(lane_sum<acc_t>(B, [&](int64_t b) { return row[b]; }));
     }
   }
   if constexpr (kGemmKeys) {

@@ -16,6 +16,7 @@
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/impl/alloc_cpu.h>
+#include <c10/util/accumulate.h>
 
 #include <cstddef>
 #include <cstdlib>
@@ -105,9 +106,8 @@ class CpuOutputPool final : public c10::Allocator {
 inline at::Tensor pooled_empty(at::IntArrayRef shape, const at::TensorOptions& options) {
   CpuOutputPool& pool = CpuOutputPool::instance();
   if (options.device().is_cpu() && pool.enabled()) {
-    int64_t numel = 1;
-    for (const int64_t s : shape) numel *= s;
-    const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+    const size_t bytes =
+        static_cast<size_t>(c10::multiply_integers(shape)) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
     if (bytes >= CpuOutputPool::kMinBytes) {
       return at::detail::empty_generic(shape, &pool, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                        c10::typeMetaToScalarType(options.dtype()), c10::MemoryFormat::Contiguous);
