@@ -134,6 +134,49 @@ def test_guidance_bad_inputs():
         ops.guidance_loss(f, T, y[:3], *params, 100.0)
 
 
+def _bad(f_, T_, y_, p, **kw):
+    args = dict(f=f_, T=T_, y=y_, wv=p[0], bv=p[1], wt=p[2], bt=p[3], temperature=100.0)
+    args.update(kw)
+    return args
+
+
+# every condition of the one-glance argument check in _checks.check_guidance_args, each failing
+# with the detailed checks' error that names the argument
+BAD_GUIDANCE = [
+    (lambda f, T, y, p: _bad(f, T, y, p, f=f.detach().numpy()), r"^f must be a torch.Tensor"),
+    (lambda f, T, y, p: _bad(f, T, y, p, f=f[None]), r"^f must be 2-D"),
+    (lambda f, T, y, p: _bad(f, T, y, p, f=f.long()), r"^f must be a floating-point tensor"),
+    (lambda f, T, y, p: _bad(f, T, y, p, T=T[..., :8]), r"^T must have shape \(K, C, 16\)"),
+    (lambda f, T, y, p: _bad(f, T, y, p, T=T.double()), r"^T must have f's dtype"),
+    (lambda f, T, y, p: _bad(f, T, y, p, f=f[:0]), r"^f and T must be non-empty"),
+    (lambda f, T, y, p: _bad(f, T, y, p, wv=p[0][:, :8]), r"^wv must have shape \(2, 16, 16\)"),
+    (lambda f, T, y, p: _bad(f, T, y, p, wv=p[0].double()), r"^wv must have f's dtype"),
+    (lambda f, T, y, p: _bad(f, T, y, p, bv=p[1][:1]), r"^bv must have shape \(2, 16\)"),
+    (lambda f, T, y, p: _bad(f, T, y, p, bt=p[3][None]), r"^bt must be 1-D"),
+    (lambda f, T, y, p: _bad(f, T, y, p, y=y.float()), r"^y must be an int64 \(or int32\) tensor"),
+    (lambda f, T, y, p: _bad(f, T, y, p, y=[0, 1]), r"^y must be a torch.Tensor"),
+    (lambda f, T, y, p: _bad(f, T, y, p, temperature=float("inf")), r"^temperature must be a finite positive"),
+    (lambda f, T, y, p: _bad(f, T, y, p, margin=float("nan")), r"^margin must be a finite number"),
+    (lambda f, T, y, p: _bad(f, T, y, p, entropy_weight=True), r"^entropy_weight must be a finite number"),
+]
+
+
+@pytest.mark.parametrize("make,message", BAD_GUIDANCE, ids=[m for _, m in BAD_GUIDANCE])
+def test_guidance_bad_inputs_name_the_argument(make, message):
+    f, T, y, params = _inputs((4, 2, 5, 16, 2), torch.float32, seed=2)
+    with pytest.raises(ValueError, match=message):
+        ops.guidance_loss(**make(f, T, y, params))
+
+
+def test_guidance_accepts_what_the_detailed_checks_accept():
+    # int32 labels and tensor-valued temperature / margin take the detailed checks and still run
+    f, T, y, params = _inputs((4, 2, 5, 16, 2), torch.float64, seed=3)
+    loss, w = ops.guidance_loss(f, T, y, *params, 100.0, margin=0.3)
+    loss2, w2 = ops.guidance_loss(f, T, y.int(), *params, torch.tensor(100.0),
+                                  margin=torch.tensor(0.3, dtype=torch.float64))
+    assert _rel(loss2, loss) < 1e-12 and _rel(w2, w) < 1e-12
+
+
 @cuda_only
 @pytest.mark.parametrize("weights", ["batch", "per_sample"])
 def test_guidance_cuda_matches_reference(weights):

@@ -7,6 +7,8 @@
 // per step; on the 2-core CPU that was ~0.25 ms of a ~1.7 ms guidance step (the same C++ calls made
 // directly took ~1.45 ms). One node keeps the kernels and removes the rest.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -30,6 +32,50 @@ void check_guidance_dtype(const at::Tensor& f) {
               "guidance_loss: f must be float32 or float64, got ", f.scalar_type());
 }
 
+// A CPU tensor whose data this file may read directly: not a fake / functional / functorch wrapper
+// (torch.compile and opcheck trace this node with those; they take the ATen calls below).
+bool plain_cpu(const at::Tensor& t) {
+  static const c10::DispatchKeySet wrappers({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
+                                             c10::DispatchKey::FuncTorchBatched,
+                                             c10::DispatchKey::FuncTorchGradWrapper});
+  return t.device().is_cpu() && t.layout() == at::kStrided && (t.key_set() & wrappers).empty();
+}
+
+// w = mean over the batch of cmattn's (B, K) weights. On the CPU a plain loop over the 36 x 3
+// values: at::mean's dispatch and reduction set-up cost ~15 us there, as much as a small kernel.
+at::Tensor batch_mean(const at::Tensor& out) {
+  if (!plain_cpu(out) || !out.is_contiguous()) return out.mean(0);
+  const int64_t B = out.size(0), K = out.size(1);
+  at::Tensor w = at::empty({K}, out.options());
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "guidance_batch_mean", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* p = out.data_ptr<scalar_t>();
+    scalar_t* wp = w.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < K; ++k) {
+      acc_t sum = 0;
+      for (int64_t b = 0; b < B; ++b) sum += static_cast<acc_t>(p[b * K + k]);
+      wp[k] = static_cast<scalar_t>(sum / static_cast<acc_t>(B));
+    }
+  });
+  return w;
+}
+
+// The batch mean's backward: every sample's weights get dw / B, as a contiguous (B, K) tensor.
+at::Tensor batch_mean_backward(const at::Tensor& dw, int64_t B) {
+  const int64_t K = dw.size(0);
+  if (!plain_cpu(dw)) return (dw / static_cast<double>(B)).unsqueeze(0).expand({B, K}).contiguous();
+  const at::Tensor d = dw.contiguous();
+  at::Tensor g = at::empty({B, K}, d.options());
+  AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "guidance_batch_mean_backward", [&] {
+    const scalar_t* dp = d.data_ptr<scalar_t>();
+    scalar_t* gp = g.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t k = 0; k < K; ++k) gp[b * K + k] = dp[k] / static_cast<scalar_t>(B);
+    }
+  });
+  return g;
+}
+
 // (loss, w, and what the backward needs) without autograd
 struct GuidanceForward {
   at::Tensor loss, w, q, keys, lse, ce, o, pbar, y;
@@ -43,7 +89,7 @@ GuidanceForward guidance_forward(const at::Tensor& f, const at::Tensor& T, const
   at::Tensor out;
   // the official code detaches f and T before CMAttn: its parameters alone get gradients there
   std::tie(out, r.q, r.keys) = dispatch::cmattn_fused_forward(f.detach(), T.detach(), wv, bv, wt, bt, cosine);
-  r.w = per_sample ? out : out.mean(0);
+  r.w = per_sample ? out : batch_mean(out);
   r.y = y.scalar_type() == at::kLong ? y.contiguous() : y.to(at::kLong).contiguous();
   std::tie(r.loss, r.lse, r.ce, r.o, r.pbar) =
       dispatch::loss_forward(f.contiguous(), T.contiguous(), r.y, r.w.contiguous(), temperature, margin, entropy_weight,
@@ -88,11 +134,8 @@ struct GuidanceFunction : public torch::autograd::Function<GuidanceFunction> {
     if (need_f) result[0] = df;
     if (need_T) result[1] = dT;
     if (need_w) {
-      const int64_t B = f.size(0), K = T.size(0);
-      // through the batch mean: every sample's weights get dw / B
-      const at::Tensor grad_out = ctx->saved_data["per_sample"].toBool()
-                                      ? dw.contiguous()
-                                      : (dw / static_cast<double>(B)).unsqueeze(0).expand({B, K}).contiguous();
+      const at::Tensor grad_out =
+          ctx->saved_data["per_sample"].toBool() ? dw.contiguous() : batch_mean_backward(dw, f.size(0));
       auto g = dispatch::cmattn_fused_backward(grad_out, f.detach(), T.detach(), s[8], s[9], s[10], s[11],
                                   ctx->saved_data["cosine"].toBool(), needs);
       for (int i = 2; i < 6; ++i) {

@@ -104,14 +104,22 @@ inline acc_t strided_dot(const acc_t* a, const scalar_t* x, int64_t stride, int6
 }
 
 // Head h: nrm[b] = ||q_{b,h}||^2 and dk[k * B + b] = q_{b,h} . key_{k,h} (sums over d in order).
+// With bias (bv, (H, D)), q_{b,h} += bv_h is applied in place first (the whole-op forward leaves the
+// bias out of its GEMM, so q is written once there instead of filled, read and written back).
 template <typename scalar_t, typename acc_t, bool kBatchMinor>
 GF_CMATTN_CLONES void head_statistics(const scalar_t* q, int64_t sb_runtime, int64_t sd, const scalar_t* keys,
-                                      int64_t h, int64_t B, int64_t H, int64_t K, int64_t D, acc_t* nrm, acc_t* dk) {
+                                      int64_t h, int64_t B, int64_t H, int64_t K, int64_t D, acc_t* nrm, acc_t* dk,
+                                      const scalar_t* bias) {
   const int64_t sb = kBatchMinor ? 1 : sb_runtime;
   for (int64_t b = 0; b < B; ++b) nrm[b] = 0;
   for (int64_t i = 0; i < K * B; ++i) dk[i] = 0;
   for (int64_t d = 0; d < D; ++d) {
     const scalar_t* col = q + (h * D + d) * sd;
+    if (bias != nullptr) {
+      scalar_t* mut = const_cast<scalar_t*>(col);
+      const scalar_t bv = bias[h * D + d];
+      for (int64_t b = 0; b < B; ++b) mut[b * sb] += bv;
+    }
     for (int64_t b = 0; b < B; ++b) {
       const acc_t x = static_cast<acc_t>(col[b * sb]);
       nrm[b] += x * x;
@@ -125,17 +133,17 @@ GF_CMATTN_CLONES void head_statistics(const scalar_t* q, int64_t sb_runtime, int
 }
 
 // Per-head statistics of every sample: dot[(b * H + h) * K + k] = q_{b,h} . key_{k,h} and
-// qnorm[b * H + h] = ||q_{b,h}||.
+// qnorm[b * H + h] = ||q_{b,h}||; bias (or nullptr): added to q in place first (head_statistics).
 template <typename scalar_t, typename acc_t>
 void row_statistics(const scalar_t* q, const QLayout& L, const scalar_t* keys, int64_t B, int64_t H, int64_t K,
-                    int64_t D, acc_t* dot, acc_t* qnorm) {
+                    int64_t D, acc_t* dot, acc_t* qnorm, const scalar_t* bias = nullptr) {
   at::parallel_for(0, H, head_grain(B, K, D), [&](int64_t lo, int64_t hi) {
     std::vector<acc_t> nrm(B), dk(K * B);
     for (int64_t h = lo; h < hi; ++h) {
       if (L.batch_minor) {
-        head_statistics<scalar_t, acc_t, true>(q, L.sb, L.sd, keys, h, B, H, K, D, nrm.data(), dk.data());
+        head_statistics<scalar_t, acc_t, true>(q, L.sb, L.sd, keys, h, B, H, K, D, nrm.data(), dk.data(), bias);
       } else {
-        head_statistics<scalar_t, acc_t, false>(q, L.sb, L.sd, keys, h, B, H, K, D, nrm.data(), dk.data());
+        head_statistics<scalar_t, acc_t, false>(q, L.sb, L.sd, keys, h, B, H, K, D, nrm.data(), dk.data(), bias);
       }
       for (int64_t b = 0; b < B; ++b) {
         qnorm[b * H + h] = std::sqrt(nrm[b]);
@@ -228,7 +236,8 @@ void assemble_gradients(bool cosine, const scalar_t* qp, const QLayout& L, const
   });
 }
 
-at::Tensor cmattn_forward_cpu(const at::Tensor& q, const at::Tensor& keys, bool cosine) {
+// out (B, K); with bias defined ((H, D), q's dtype, contiguous) q += bias in place first
+at::Tensor score_forward(const at::Tensor& q, const at::Tensor& keys, bool cosine, const at::Tensor& bias) {
   check_inputs(q, keys, "cmattn_forward");
   const QLayout L = q_layout(q, "cmattn_forward");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), K = keys.size(0);
@@ -240,7 +249,8 @@ at::Tensor cmattn_forward_cpu(const at::Tensor& q, const at::Tensor& keys, bool 
     const acc_t sqrt_d = std::sqrt(static_cast<acc_t>(D));
     const std::vector<acc_t> knorm = key_norms<scalar_t, acc_t>(kp, K * H, D);
     std::vector<acc_t> dot(B * H * K), qnorm(B * H), s(K), acc(K);
-    row_statistics<scalar_t, acc_t>(q.data_ptr<scalar_t>(), L, kp, B, H, K, D, dot.data(), qnorm.data());
+    row_statistics<scalar_t, acc_t>(q.data_ptr<scalar_t>(), L, kp, B, H, K, D, dot.data(), qnorm.data(),
+                                    bias.defined() ? bias.data_ptr<scalar_t>() : nullptr);
     for (int64_t b = 0; b < B; ++b) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t h = 0; h < H; ++h) {
@@ -252,6 +262,10 @@ at::Tensor cmattn_forward_cpu(const at::Tensor& q, const at::Tensor& keys, bool 
     }
   });
   return out;
+}
+
+at::Tensor cmattn_forward_cpu(const at::Tensor& q, const at::Tensor& keys, bool cosine) {
+  return score_forward(q, keys, cosine, at::Tensor());
 }
 
 // dq (q's layout) and dkey; with dbv defined ((H, D), q's dtype) also dbv = sum_b dq_b
@@ -335,15 +349,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cmattn_cpu_forward(const at::Tens
   const at::Tensor f = f_in.contiguous(), T = T_in.contiguous(), wv = wv_in.contiguous(), bv = bv_in.contiguous(),
                    wt = wt_in.contiguous(), bt = bt_in.contiguous();
   const int64_t B = f.size(0), D = f.size(1), K = T.size(0), C = T.size(1), H = wv.size(0);
-  // q as W f^T: (H*D, D) x (D, B), bias first; read as the batch-minor (B, H, D) view
+  // q as W f^T: (H*D, D) x (D, B), read as the batch-minor (B, H, D) view; the score kernel adds
+  // the bias in place as it first reads q
   at::Tensor q = new_output({H * D, B}, f.options());
   at::Tensor keys = new_output({K, H, D}, f.options());
   AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "cmattn_cpu_forward", [&] {
-    scalar_t* qp = q.data_ptr<scalar_t>();
-    const scalar_t* bvp = bv.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < H * D; ++i) std::fill(qp + i * B, qp + (i + 1) * B, bvp[i]);
-    cpu_blas::gemm<scalar_t>(false, true, H * D, B, D, 1, wv.data_ptr<scalar_t>(), D, f.data_ptr<scalar_t>(), D, 1, qp,
-                             B);
+    cpu_blas::gemm<scalar_t>(false, true, H * D, B, D, 1, wv.data_ptr<scalar_t>(), D, f.data_ptr<scalar_t>(), D, 0,
+                             q.data_ptr<scalar_t>(), B);
 
     // keys_k = wt T_k + bt, an (H, C) x (C, D) product per expert. One expert per task: inside a
     // parallel region BLAS runs on the calling thread, so these small products skip BLAS's own
@@ -360,7 +372,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cmattn_cpu_forward(const at::Tens
     });
   });
   q = q.t().view({B, H, D});
-  return {cmattn_forward_cpu(q, keys, cosine), q, keys};
+  at::Tensor out = score_forward(q, keys, cosine, bv);
+  return {out, q, keys};
 }
 
 std::vector<at::Tensor> cmattn_cpu_backward(const at::Tensor& grad_out, const at::Tensor& f_in, const at::Tensor& T_in,

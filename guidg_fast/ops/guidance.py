@@ -48,20 +48,17 @@ def guidance_loss(f, T, y, wv, bv, wt, bt, temperature, margin: float = 0.0, ent
     """(loss, w): the multi-expert loss under the CMAttn weights of this batch (see the module doc)."""
     if weights not in _WEIGHTS:
         raise ValueError(f"weights must be one of {_WEIGHTS}, got {weights!r}")
-    _checks.check_cmattn_params(f, T, wv, bv, wt, bt, metric)
-    device_type = f.device.type
+    device_type = f.device.type if isinstance(f, Tensor) else None
     if _fused(f, device_type):
-        B, K = f.shape[0], T.shape[0]
-        w_shape = (B, K) if weights == "per_sample" else (K,)
         # shapes, dtypes and devices here; the kernel checks label range and finite weights itself
-        _, _, _, _, tau, margin, entropy_weight = _checks.check_multi_expert_loss_args(
-            f, T, y, f.new_empty(w_shape), temperature, margin, entropy_weight, check_values=False,
-            defer_temperature=False,
+        tau, margin, entropy_weight = _checks.check_guidance_args(
+            f, T, y, wv, bv, wt, bt, temperature, margin, entropy_weight, metric, weights == "per_sample"
         )
         loss, w = torch.ops.guidg_fast.guidance_loss(
             f, T, y, wv, bv, wt, bt, tau, margin, entropy_weight, metric == "cosine", weights == "per_sample"
         )
         return loss, w
+    _checks.check_cmattn_params(f, T, wv, bv, wt, bt, metric)
     w = cross_modal_attention(f.detach(), T.detach(), wv, bv, wt, bt, metric=metric)
     if weights == "batch":
         w = w.mean(dim=0)
