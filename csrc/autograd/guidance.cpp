@@ -16,6 +16,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cmattn_cpu.h"
 #include "dispatch_ops.h"
 
 namespace guidg_fast {
@@ -79,7 +80,19 @@ at::Tensor batch_mean_backward(const at::Tensor& dw, int64_t B) {
 // (loss, w, and what the backward needs) without autograd
 struct GuidanceForward {
   at::Tensor loss, w, q, keys, lse, ce, o, pbar, y;
+  at::Tensor stats;  // cmattn's score statistics, when its CPU whole-op kernels ran directly
 };
+
+// Real CPU tensors of the dtype cmattn's whole-op CPU kernels take: this node calls those kernels
+// itself (not through the dispatcher, whose op boundary would drop the score statistics the
+// backward reuses), after the op's own argument checks.
+bool direct_cpu(const at::Tensor& f, const at::Tensor& T, const at::Tensor& wv, const at::Tensor& bv,
+                const at::Tensor& wt, const at::Tensor& bt) {
+  for (const at::Tensor* t : {&f, &T, &wv, &bv, &wt, &bt}) {
+    if (!plain_cpu(*t)) return false;
+  }
+  return cmattn_cpu_whole_op(f, T, wv);
+}
 
 GuidanceForward guidance_forward(const at::Tensor& f, const at::Tensor& T, const at::Tensor& y, const at::Tensor& wv,
                                  const at::Tensor& bv, const at::Tensor& wt, const at::Tensor& bt, double temperature,
@@ -88,7 +101,12 @@ GuidanceForward guidance_forward(const at::Tensor& f, const at::Tensor& T, const
   GuidanceForward r;
   at::Tensor out;
   // the official code detaches f and T before CMAttn: its parameters alone get gradients there
-  std::tie(out, r.q, r.keys) = dispatch::cmattn_fused_forward(f.detach(), T.detach(), wv, bv, wt, bt, cosine);
+  if (direct_cpu(f, T, wv, bv, wt, bt)) {
+    cmattn_check_params(f, T, wv, bv, wt, bt);
+    std::tie(out, r.q, r.keys) = cmattn_cpu_forward(f.detach(), T.detach(), wv, bv, wt, bt, cosine, &r.stats);
+  } else {
+    std::tie(out, r.q, r.keys) = dispatch::cmattn_fused_forward(f.detach(), T.detach(), wv, bv, wt, bt, cosine);
+  }
   r.w = per_sample ? out : batch_mean(out);
   r.y = y.scalar_type() == at::kLong ? y.contiguous() : y.to(at::kLong).contiguous();
   std::tie(r.loss, r.lse, r.ce, r.o, r.pbar) =
@@ -104,7 +122,7 @@ struct GuidanceFunction : public torch::autograd::Function<GuidanceFunction> {
                                bool per_sample, bool need_o) {
     GuidanceForward r =
         guidance_forward(f, T, y, wv, bv, wt, bt, temperature, margin, entropy_weight, cosine, per_sample, need_o);
-    ctx->save_for_backward({f, T, r.y, r.w, r.lse, r.ce, r.o, r.pbar, wv, wt, r.q, r.keys});
+    ctx->save_for_backward({f, T, r.y, r.w, r.lse, r.ce, r.o, r.pbar, wv, wt, r.q, r.keys, r.stats});
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["margin"] = margin;
     ctx->saved_data["entropy_weight"] = entropy_weight;
@@ -136,8 +154,11 @@ struct GuidanceFunction : public torch::autograd::Function<GuidanceFunction> {
     if (need_w) {
       const at::Tensor grad_out =
           ctx->saved_data["per_sample"].toBool() ? dw.contiguous() : batch_mean_backward(dw, f.size(0));
-      auto g = dispatch::cmattn_fused_backward(grad_out, f.detach(), T.detach(), s[8], s[9], s[10], s[11],
-                                  ctx->saved_data["cosine"].toBool(), needs);
+      const bool cosine = ctx->saved_data["cosine"].toBool();
+      auto g = s[12].defined() ? cmattn_cpu_backward(grad_out, f.detach(), T.detach(), s[8], s[9], s[10], s[11], cosine,
+                                                     needs, s[12])
+                               : dispatch::cmattn_fused_backward(grad_out, f.detach(), T.detach(), s[8], s[9], s[10],
+                                                                 s[11], cosine, needs);
       for (int i = 2; i < 6; ++i) {
         if (needs[i]) result[i + 1] = std::move(g[i]);
       }

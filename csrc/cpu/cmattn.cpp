@@ -236,8 +236,14 @@ void assemble_gradients(bool cosine, const scalar_t* qp, const QLayout& L, const
   });
 }
 
-// out (B, K); with bias defined ((H, D), q's dtype, contiguous) q += bias in place first
-at::Tensor score_forward(const at::Tensor& q, const at::Tensor& keys, bool cosine, const at::Tensor& bias) {
+// The per-row statistics of score_forward that score_backward needs again, kept in one flat tensor
+// of q's dtype: dot (B*H*K), then qnorm (B*H), then the key norms (K*H).
+int64_t stats_size(int64_t B, int64_t H, int64_t K) { return B * H * K + B * H + K * H; }
+
+// out (B, K); with bias defined ((H, D), q's dtype, contiguous) q += bias in place first; with stats
+// given, the statistics above are written there for score_backward
+at::Tensor score_forward(const at::Tensor& q, const at::Tensor& keys, bool cosine, const at::Tensor& bias,
+                         at::Tensor* stats = nullptr) {
   check_inputs(q, keys, "cmattn_forward");
   const QLayout L = q_layout(q, "cmattn_forward");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), K = keys.size(0);
@@ -260,6 +266,14 @@ at::Tensor score_forward(const at::Tensor& q, const at::Tensor& keys, bool cosin
       }
       for (int64_t k = 0; k < K; ++k) op[b * K + k] = static_cast<scalar_t>(acc[k] / static_cast<acc_t>(H));
     }
+    if (stats != nullptr) {
+      static_assert(std::is_same<acc_t, scalar_t>::value, "stats are kept in q's dtype");
+      *stats = at::empty({stats_size(B, H, K)}, q.options());
+      scalar_t* sp = stats->data_ptr<scalar_t>();
+      std::copy(dot.begin(), dot.end(), sp);
+      std::copy(qnorm.begin(), qnorm.end(), sp + B * H * K);
+      std::copy(knorm.begin(), knorm.end(), sp + B * H * K + B * H);
+    }
   });
   return out;
 }
@@ -268,9 +282,11 @@ at::Tensor cmattn_forward_cpu(const at::Tensor& q, const at::Tensor& keys, bool 
   return score_forward(q, keys, cosine, at::Tensor());
 }
 
-// dq (q's layout) and dkey; with dbv defined ((H, D), q's dtype) also dbv = sum_b dq_b
+// dq (q's layout) and dkey; with dbv defined ((H, D), q's dtype) also dbv = sum_b dq_b; with stats
+// defined (score_forward's, for this q and keys) the row statistics are read instead of recomputed
 std::tuple<at::Tensor, at::Tensor> score_backward(const at::Tensor& grad_out, const at::Tensor& q,
-                                                  const at::Tensor& keys, bool cosine, const at::Tensor& dbv) {
+                                                  const at::Tensor& keys, bool cosine, const at::Tensor& dbv,
+                                                  const at::Tensor& stats = at::Tensor()) {
   check_inputs(q, keys, "cmattn_backward");
   const QLayout L = q_layout(q, "cmattn_backward");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), K = keys.size(0);
@@ -290,9 +306,16 @@ std::tuple<at::Tensor, at::Tensor> score_backward(const at::Tensor& grad_out, co
     scalar_t* dqp = dq.data_ptr<scalar_t>();
     scalar_t* dkp = dkey.data_ptr<scalar_t>();
     const acc_t sqrt_d = std::sqrt(static_cast<acc_t>(D));
-    const std::vector<acc_t> knorm = key_norms<scalar_t, acc_t>(kp, K * H, D);
-    std::vector<acc_t> dot(B * H * K), qnorm(B * H);
-    row_statistics<scalar_t, acc_t>(qp, L, kp, B, H, K, D, dot.data(), qnorm.data());
+    std::vector<acc_t> knorm(K * H), dot(B * H * K), qnorm(B * H);
+    if (stats.defined()) {
+      const scalar_t* sp = stats.data_ptr<scalar_t>();
+      std::copy(sp, sp + B * H * K, dot.begin());
+      std::copy(sp + B * H * K, sp + B * H * K + B * H, qnorm.begin());
+      std::copy(sp + B * H * K + B * H, sp + stats_size(B, H, K), knorm.begin());
+    } else {
+      knorm = key_norms<scalar_t, acc_t>(kp, K * H, D);
+      row_statistics<scalar_t, acc_t>(qp, L, kp, B, H, K, D, dot.data(), qnorm.data());
+    }
 
     // Per (sample, head) row: probabilities, then the score / softmax / head-mean backward.
     // coef (h, k, b): weight of key_{k,h} in dq_{b,h} and of q_{b,h} in dkey_{k,h}; q_weight (h, b):
@@ -345,7 +368,7 @@ bool cmattn_cpu_whole_op(const at::Tensor& f, const at::Tensor& T, const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cmattn_cpu_forward(const at::Tensor& f_in, const at::Tensor& T_in,
                                                                   const at::Tensor& wv_in, const at::Tensor& bv_in,
                                                                   const at::Tensor& wt_in, const at::Tensor& bt_in,
-                                                                  bool cosine) {
+                                                                  bool cosine, at::Tensor* stats) {
   const at::Tensor f = f_in.contiguous(), T = T_in.contiguous(), wv = wv_in.contiguous(), bv = bv_in.contiguous(),
                    wt = wt_in.contiguous(), bt = bt_in.contiguous();
   const int64_t B = f.size(0), D = f.size(1), K = T.size(0), C = T.size(1), H = wv.size(0);
@@ -372,19 +395,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cmattn_cpu_forward(const at::Tens
     });
   });
   q = q.t().view({B, H, D});
-  at::Tensor out = score_forward(q, keys, cosine, bv);
+  at::Tensor out = score_forward(q, keys, cosine, bv, stats);
   return {out, q, keys};
 }
 
 std::vector<at::Tensor> cmattn_cpu_backward(const at::Tensor& grad_out, const at::Tensor& f_in, const at::Tensor& T_in,
                                             const at::Tensor& wv_in, const at::Tensor& wt_in, const at::Tensor& q,
-                                            const at::Tensor& keys, bool cosine, std::array<bool, 6> needs) {
+                                            const at::Tensor& keys, bool cosine, std::array<bool, 6> needs,
+                                            const at::Tensor& stats) {
   const at::Tensor f = f_in.contiguous(), T = T_in.contiguous(), wv = wv_in.contiguous(), wt = wt_in.contiguous();
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), K = keys.size(0), C = T.size(1);
   const auto options = f.options();
   auto none = [&] { return at::empty({0}, options); };  // one per slot: outputs must not alias
   at::Tensor dbv = needs[3] ? new_output({H, D}, options) : at::Tensor();
-  auto [dq, dkey] = score_backward(grad_out.to(f.scalar_type()).contiguous(), q, keys, cosine, dbv);
+  if (stats.defined()) {
+    TORCH_CHECK(stats.numel() == stats_size(B, H, K) && stats.scalar_type() == q.scalar_type() && stats.is_contiguous(),
+                "cmattn_cpu_backward: stats do not come from cmattn_cpu_forward for these shapes");
+  }
+  auto [dq, dkey] = score_backward(grad_out.to(f.scalar_type()).contiguous(), q, keys, cosine, dbv, stats);
   const QLayout L = q_layout(dq, "cmattn_backward");
   at::Tensor df = needs[0] ? new_output({B, D}, options) : none();
   at::Tensor dT = needs[1] ? new_output({K, C, D}, options) : none();

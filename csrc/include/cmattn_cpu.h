@@ -30,15 +30,18 @@ std::vector<at::Tensor> cmattn_composite_backward(const at::Tensor& grad_out, co
 // usable BLAS); otherwise the composite's ATen path runs.
 bool cmattn_cpu_whole_op(const at::Tensor& f, const at::Tensor& T, const at::Tensor& wv);
 
-// -> (out (B, K), q (B, H, D) batch-minor view of (H*D, B), keys (K, H, D)), as cmattn_fused_forward
+// -> (out (B, K), q (B, H, D) batch-minor view of (H*D, B), keys (K, H, D)), as cmattn_fused_forward.
+// With stats given, the per-row score statistics (norms, dots) go there for cmattn_cpu_backward,
+// which then does not recompute them (the guidance_loss node keeps them between the two).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cmattn_cpu_forward(const at::Tensor& f, const at::Tensor& T,
                                                                   const at::Tensor& wv, const at::Tensor& bv,
                                                                   const at::Tensor& wt, const at::Tensor& bt,
-                                                                  bool cosine);
+                                                                  bool cosine, at::Tensor* stats = nullptr);
 
 // -> (df, dT, dwv, dbv, dwt, dbt), as cmattn_fused_backward (an unneeded one comes back empty)
 std::vector<at::Tensor> cmattn_cpu_backward(const at::Tensor& grad_out, const at::Tensor& f, const at::Tensor& T,
                                             const at::Tensor& wv, const at::Tensor& wt, const at::Tensor& q,
-                                            const at::Tensor& keys, bool cosine, std::array<bool, 6> needs);
+                                            const at::Tensor& keys, bool cosine, std::array<bool, 6> needs,
+                                            const at::Tensor& stats = at::Tensor());
 
 }  // namespace guidg_fast
