@@ -39,15 +39,28 @@ cd - >/dev/null
 # A C++ exception from _C (TORCH_CHECK in a kernel) must reach Python as an error: on the H200's
 # torch 2.11 image (2026-11-26) the first one segfaulted the process (tests/test_cmattn.py::
 # test_cpu_kernels_reject_other_q_strides), where torch 2.14 here raises. Checked first, alone.
-python3 -P -c "
+SMOKE="
 import torch, guidg_fast
 try:
     torch.ops.guidg_fast.cmattn_forward(torch.randn(4, 3, 8).transpose(0, 1), torch.randn(2, 4, 8), True)
     print('C++ exception path: NO ERROR RAISED')
 except RuntimeError as e:
     print('C++ exception path: ok (RuntimeError raised)')
-" 2>&1 | tail -3 | tee -a "$LOG"
-say "C++ exception path exit status: ${PIPESTATUS[0]} (139 = segfault)"
+"
+python3 -P -X faulthandler -c "$SMOKE" 2>&1 | tail -12 | tee -a "$LOG"
+rc=${PIPESTATUS[0]}
+say "C++ exception path exit status: $rc (139 = segfault)"
+if [ "$rc" != 0 ]; then
+    # which frame: without torch's C++ stack capture / symbolisation, then a native backtrace
+    TORCH_SHOW_CPP_STACKTRACES=0 TORCH_DISABLE_ADDR2LINE=1 python3 -P -c "$SMOKE" 2>&1 | tail -3 | tee -a "$LOG"
+    say "  again without C++ stack traces: exit ${PIPESTATUS[0]}"
+    if command -v gdb >/dev/null; then
+        timeout 120 gdb -q -batch -ex run -ex bt --args python3 -P -c "$SMOKE" 2>&1 \
+            | grep -vE "^\[(New|Thread)" | tail -60 | tee -a "$LOG"
+    fi
+    ldd "$(python3 -P -c 'import guidg_fast._C as c; print(c.__file__)')" 2>&1 | tee -a "$LOG"
+    g++ --version | head -1 | tee -a "$LOG"
+fi
 
 t0=$(date +%s)
 # -P: do not put the repository root on sys.path (tests import the installed package)

@@ -1,7 +1,8 @@
 // guidg_fast::guidance_loss: GuiDG's step-2 guidance -- the CMAttn expert weights, their batch mean
 // (or the per-sample weights) and the multi-expert loss -- as one C++ autograd node over the same
-// dispatcher ops the two separate ops use (cmattn_fused_forward / _backward and
-// multi_expert_loss_forward / _backward).
+// kernels the two separate ops use: multi_expert_loss_forward / _backward through the dispatcher,
+// cmattn's whole-op CPU kernels called directly on real CPU tensors (so the score statistics of the
+// forward serve the backward too), cmattn_fused_forward / _backward through the dispatcher elsewhere.
 //
 // Why: composed, the two ops plus the batch mean are three autograd nodes and two Python wrappers
 // per step; on the 2-core CPU that was ~0.25 ms of a ~1.7 ms guidance step (the same C++ calls made
