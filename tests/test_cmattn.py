@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import guidg_fast as gf
 from guidg_fast import ops, reference
 from guidg_fast.ops import _backend
-from backends import cpu_backends, cuda_only
+from backends import cpu_backends, cuda_only, run_sm90_compile
 from conftest import assert_close
 
 NAMES = ("f", "T", "wv", "bv", "wt", "bt")
@@ -304,40 +304,20 @@ def test_cmattn_forced_triton_without_interpreter_raises(monkeypatch):
 
 # The interpreter does not lower kernels to GPU code: compile both for sm_90 ahead of time (no GPU
 # needed), so type and layout errors that only the real compiler sees fail here, not on a GPU run.
-_AOT_COMPILE = r"""
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+_CMATTN_SM90 = r"""
 from guidg_fast.kernels import cmattn as kernels
 for acc, ptr, cosine in ((tl.float32, "*fp32", True), (tl.float64, "*fp64", False)):
     for kern, ptrs in ((kernels._cmattn_forward_kernel, 3), (kernels._cmattn_backward_kernel, 5)):
         consts = dict(COSINE=cosine, SQRT_D=512 ** 0.5, EPS=kernels.COSINE_EPS, BLOCK_B=16, BLOCK_K=4,
                       BLOCK_D=128, ACC=acc)
-        names = kern.arg_names
-        signature = {n: (ptr if i < ptrs else "i32") for i, n in enumerate(names) if n not in consts}
-        signature.update({n: "constexpr" for n in consts})
-        src = ASTSource(fn=kern, signature=signature, constexprs={(names.index(n),): v for n, v in consts.items()})
-        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        runtime = [n for n in kern.arg_names if n not in consts]
+        compile_sm90(kern, {n: (ptr if i < ptrs else "i32") for i, n in enumerate(runtime)}, consts, num_warps=4)
 print("compiled")
 """
 
 
 def test_cmattn_triton_kernels_compile_for_gpu(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError:
-        pytest.skip("triton has no NVIDIA backend here")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    # cwd away from the checkout: `python -c` puts the cwd first on sys.path, and the source tree's
-    # guidg_fast has no kernels/ subpackage (setup.py maps it from ./kernels when installing)
-    proc = subprocess.run([sys.executable, "-c", _AOT_COMPILE], capture_output=True, text=True, env=env, timeout=600,
-                          cwd=str(tmp_path))
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+    run_sm90_compile(_CMATTN_SM90, tmp_path)
 
 
 @cuda_only

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from guidg_fast import ops, reference
 from guidg_fast.ops import _backend
-from backends import cpu_backends, cuda_only
+from backends import cpu_backends, cuda_only, run_sm90_compile
 from conftest import assert_close
 
 TAU = 100.0
@@ -188,43 +188,24 @@ def test_forced_triton_without_interpreter_raises(monkeypatch):
             ops.ensemble_logits(f, T, w, TAU)
 
 
-def test_triton_kernels_compile_for_gpu():
-    """The interpreter does not lower kernels; compile them for an H100 (sm_90) without a GPU."""
-    triton = pytest.importorskip("triton")
-    tl = pytest.importorskip("triton.language")
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-        from triton.runtime.jit import JITFunction
-    except ImportError:
-        pytest.skip("this Triton cannot compile ahead of time")
-    from guidg_fast.kernels import ensemble_logits as k
+_ENSEMBLE_SM90 = r"""
+from guidg_fast.kernels import ensemble_logits as k
+ints, floats = {"B", "K", "C", "D", "stride_wb"}, {"tau"}
+for kernel, flags in ((k._ensemble_logits_forward_kernel, {}),
+                      (k._ensemble_logits_backward_kernel, {"STORE_F": True, "STORE_W": True}),
+                      (k._ensemble_logits_backward_T_kernel, {"STORE_T": True, "STORE_W": True})):
+    for per_sample in (False, True):
+        constexprs = {"PER_SAMPLE": per_sample, "ACC": tl.float32, "BLOCK_B": 64, "BLOCK_C": k._BLOCK_C,
+                      "BLOCK_D": k._BLOCK_D, **flags}
+        signature = {n: "i32" if n in ints else "fp32" if n in floats else "*fp32"
+                     for n in kernel.arg_names if n not in constexprs}
+        assert compile_sm90(kernel, signature, constexprs, num_warps=4).asm.get("cubin")
+print("compiled")
+"""
 
-    ints, floats = {"B", "K", "C", "D", "stride_wb"}, {"tau"}
-    kernels = [
-        (k._ensemble_logits_forward_kernel, {}),
-        (k._ensemble_logits_backward_kernel, {"STORE_F": True, "STORE_W": True}),
-        (k._ensemble_logits_backward_T_kernel, {"STORE_T": True, "STORE_W": True}),
-    ]
-    for kernel, flags in kernels:
-        # a fresh JITFunction of the raw Python function: under TRITON_INTERPRET=1 the module's
-        # kernels are interpreter wrappers, which cannot be compiled
-        fn = JITFunction(kernel.fn)
-        for per_sample in (False, True):
-            constexprs = {"PER_SAMPLE": per_sample, "ACC": tl.float32, "BLOCK_B": 64, "BLOCK_C": k._BLOCK_C,
-                          "BLOCK_D": k._BLOCK_D, **flags}
-            signature = {
-                n: "constexpr" if n in constexprs else "i32" if n in ints else "fp32" if n in floats else "*fp32"
-                for n in fn.arg_names
-            }
-            try:
-                compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-            except Exception as exc:  # a Triton build without the NVIDIA backend / ptxas
-                if "ptxas" in str(exc) or "backend" in str(exc).lower():
-                    pytest.skip(f"no NVIDIA compiler here: {exc}")
-                raise
-            assert compiled.asm.get("cubin")
+
+def test_triton_kernels_compile_for_gpu(tmp_path):
+    run_sm90_compile(_ENSEMBLE_SM90, tmp_path)
 
 
 @cuda_only

@@ -81,7 +81,37 @@ def triton_runnable(device_type: str) -> bool:
         return False
     if device_type == "cuda":
         return True
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return os.environ.get("TRITON_INTERPRET", "0") == "1" and interpreter_problem() is None
+
+
+_interpreter_checked = False
+_interpreter_error: str | None = None
+
+
+def interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run these kernels here (None: it can). Checked once per
+    process with one tiny kernel (guidg_fast.kernels._probe); a failure warns once."""
+    global _interpreter_checked, _interpreter_error
+    if not _interpreter_checked:
+        _interpreter_checked = True
+        try:
+            from ..kernels import _probe
+
+            if not _probe.interpreter_runs_loops():
+                _interpreter_error = "a loop over a runtime bound gave a wrong count"
+        except Exception as exc:  # the interpreter's own error, whatever its type
+            _interpreter_error = f"{type(exc).__name__}: {exc}"
+        if _interpreter_error is not None:
+            import numpy
+            import triton
+
+            _interpreter_error = (
+                f"Triton's CPU interpreter (triton {triton.__version__}, numpy {numpy.__version__}) cannot run "
+                f"a loop over a runtime bound ({_interpreter_error}); triton < 3.6 needs numpy < 2.4 "
+                "(triton-lang/triton#9171)"
+            )
+            _warn_once("triton-interpreter", f"{_interpreter_error}: Triton is not used on CPU tensors.")
+    return _interpreter_error
 
 
 @dataclass
@@ -136,6 +166,8 @@ def _why_not(spec: OpSpec, backend: str, device_type: str) -> str:
         if not spec.triton:
             return "it has no Triton kernel"
         if device_type != "cuda":
+            if os.environ.get("TRITON_INTERPRET", "0") == "1" and interpreter_problem() is not None:
+                return interpreter_problem()
             return "Triton runs on CPU tensors only with TRITON_INTERPRET=1"
         return "triton is not installed"
     if not spec.ext_ops:
