@@ -90,6 +90,31 @@ def test_bma_update_bad_inputs():
         ops.bma_update_([torch.zeros(2)], [torch.zeros(2)], float("nan"))
 
 
+def test_broken_triton_interpreter_falls_back(monkeypatch):
+    # an interpreter that cannot run the probe kernel (triton < 3.6 with NumPy >= 2.4): Triton is
+    # not offered on CPU tensors, the reason names the problem, the op still runs on another backend
+    pytest.importorskip("triton")
+    from guidg_fast.kernels import _probe
+
+    def broken():
+        raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_probe, "interpreter_runs_loops", broken)
+    monkeypatch.setattr(_backend, "_interpreter_checked", False)
+    monkeypatch.setattr(_backend, "_interpreter_error", None)
+    monkeypatch.setattr(_backend, "_available_cache", {})
+    monkeypatch.setattr(_backend, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="cannot run a loop over a runtime bound"):
+        assert "triton" not in _backend.available("bma_update_", "cpu")
+    with ops.use_backend("triton"):
+        with pytest.raises(RuntimeError, match=r"only 0-dimensional arrays.*triton < 3.6 needs numpy < 2.4"):
+            ops.bma_update_([torch.zeros(2)], [torch.ones(2)], 1.0)
+    avg = [torch.zeros(2)]
+    ops.bma_update_(avg, [torch.ones(2)], 1.0)
+    assert torch.equal(avg[0], torch.full((2,), 0.5))
+
+
 def test_forced_backend_that_cannot_run_raises(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with ops.use_backend("triton"):
