@@ -16,7 +16,8 @@ NAMES = ("f", "T", "wv", "bv", "wt", "bt")
 METRICS = ("cosine", "dotproduct")
 # (B, K, C, D, H): B = 1, K = 1, C = 1, D off every block size, B over one Triton batch block,
 # K padded to the next power of two, D across two Triton D-blocks
-SMALL_SHAPES = [(6, 3, 7, 40, 4), (1, 1, 1, 17, 1), (5, 2, 3, 33, 2), (3, 5, 1, 130, 3), (17, 3, 4, 24, 2)]
+SMALL_SHAPES = [(6, 3, 7, 40, 4), (7, 2, 9, 130, 8), (1, 1, 1, 17, 1), (5, 2, 3, 33, 2), (3, 5, 1, 130, 3),
+                (17, 3, 4, 24, 2)]
 # the real step-2 shape, C = 1000 (ImageNet) and a batch big enough for the C++ kernels to split work
 # across threads: C++ only, the Triton interpreter is too slow there
 LARGE_SHAPES = [(36, 3, 65, 512, 4), (9, 3, 1000, 96, 4), (300, 3, 5, 512, 4)]
@@ -371,29 +372,46 @@ def test_large_cpu_outputs_reuse_pooled_memory():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_cpu_whole_op_path(dtype):
     # float32 / float64 CPU tensors take the CPU kernels of cmattn_fused_forward / _backward (BLAS on
-    # raw buffers, dbv summed inside the score kernel) instead of the ATen composite: same values,
-    # none of the composite's ATen GEMMs, and the backward accepts q in either layout
+    # raw buffers, dbv summed inside the score kernel, float32 class pooling and dwt in AVX-512 loops
+    # where the CPU has them) instead of the ATen composite: same values, none of the composite's
+    # ATen GEMMs, and the backward accepts q in either layout. D = 70, C = 11: the vector loops'
+    # feature tails and a last odd class
     torch.manual_seed(3)
-    B, K, C, D, H = 7, 3, 11, 33, 4
+    B, K, C, D, H = 7, 3, 11, 70, 4
     f, T = torch.randn(B, D, dtype=dtype), torch.randn(K, C, D, dtype=dtype)
     params = [torch.randn(H, D, D, dtype=dtype) * 0.2, torch.randn(H, D, dtype=dtype), torch.randn(H, C, dtype=dtype),
               torch.randn(H, dtype=dtype)]
+    # a random upstream gradient: the outputs sum to 1 over the experts, so a plain sum has gradient 0
+    grad_out = torch.randn(B, K, dtype=dtype)
     ops_ = torch.ops.guidg_fast
     with torch.profiler.profile() as prof:
         out, q, keys = ops_.cmattn_fused_forward(f, T, *params, True)
-        grads = ops_.cmattn_fused_backward(torch.ones_like(out), f, T, params[0], params[2], q, keys, True, [True] * 6)
+        grads = ops_.cmattn_fused_backward(grad_out, f, T, params[0], params[2], q, keys, True, [True] * 6)
     names = {e.name for e in prof.events()}
     assert not names & {"aten::addmm", "aten::baddbmm", "aten::mm", "aten::bmm", "aten::matmul"}, names
     assert q.stride() == (1, D * B, B)  # the batch-minor view of (H*D, B)
     f_, T_ = f.clone().requires_grad_(), T.clone().requires_grad_()
     p_ = [p.clone().requires_grad_() for p in params]
     ref = reference.cross_modal_attention(f_, T_, *p_, "cosine")
-    expected = torch.autograd.grad(ref.sum(), [f_, T_, *p_])
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(out, ref.detach(), **tol)
-    for got, want in zip(grads, expected):
-        torch.testing.assert_close(got, want, **tol)
-    again = ops_.cmattn_fused_backward(torch.ones_like(out), f, T, params[0], params[2], q.contiguous(), keys, True,
-                                       [True] * 6)
-    for got, want in zip(again, expected):
-        torch.testing.assert_close(got, want, **tol)
+    expected = torch.autograd.grad(ref, [f_, T_, *p_], grad_out)
+    assert_close(out, ref.detach(), "out", tol=1e-5 if dtype == torch.float32 else 1e-12)
+    names = ("df", "dT", "dwv", "dbv", "dwt", "dbt")
+    for name, got, want in zip(names, grads, expected):
+        assert_close(got, want, name, tol=1e-5 if dtype == torch.float32 else 1e-10)
+    again = ops_.cmattn_fused_backward(grad_out, f, T, params[0], params[2], q.contiguous(), keys, True, [True] * 6)
+    for name, got, want in zip(names, again, expected):
+        assert_close(got, want, name, tol=1e-5 if dtype == torch.float32 else 1e-10)
+
+
+@pytest.mark.skipif("ext" not in _backend.available("cmattn", "cpu"), reason="guidg_fast._C not built")
+def test_cpu_whole_op_path_without_avx512(tmp_path):
+    # GUIDG_FAST_NO_AVX512=1 (read once per process): the BLAS path of the class pooling and dwt
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GUIDG_FAST_NO_AVX512": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           f"{__file__}::test_cpu_whole_op_path"], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
