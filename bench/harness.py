@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 PROVIDERS = ("reference", "fast")
+TIMING_ROUNDS = 4  # blocks per provider in a full run (time_alternating)
 
 
 @dataclass
@@ -82,6 +83,33 @@ def time_fn(fn: Callable, device: str, warmup: int = 1, repeats: int = 10) -> di
     times.sort()
     q = lambda p: times[min(len(times) - 1, int(round(p * (len(times) - 1))))]  # noqa: E731
     return {"median_ms": statistics.median(times), "q20_ms": q(0.2), "q80_ms": q(0.8), "times_ms": times}
+
+
+def time_alternating(fns: dict, device: str, warmup: int, repeats: dict, rounds: int) -> dict:
+    """time_fn for several callables on the same machine state: each runs its repeats in ``rounds``
+    blocks, the callables taking turns (and turns at going first), so a slow minute of a shared
+    machine lands on every side of a ratio instead of one. Each block starts with one untimed call
+    (the other callable has just used the caches). Returns time_fn's dict per callable."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            count = repeats[name] // rounds + (1 if r < repeats[name] % rounds else 0)
+            if count == 0:
+                continue
+            fns[name]()
+            _sync(device)
+            times[name] += time_fn(fns[name], device, warmup=0, repeats=count)["times_ms"]
+    out = {}
+    for name, t in times.items():
+        t.sort()
+        q = lambda p: t[min(len(t) - 1, int(round(p * (len(t) - 1))))]  # noqa: E731
+        out[name] = {"median_ms": statistics.median(t), "q20_ms": q(0.2), "q80_ms": q(0.8), "times_ms": t}
+    return out
 
 
 def max_rel_err(a: tuple, b: tuple) -> float:
@@ -191,19 +219,23 @@ def run_entry(entry: Entry, device: str, quick: bool, measure_memory: bool = Tru
     rows = []
     for case in entry.cases(quick):
         row = {"entry": entry.name, "case": case, "device": device, "backend": entry.backend(case, device)}
-        outputs = {}
+        fns = {provider: entry.make(case, provider, device) for provider in PROVIDERS}
+        outputs = {provider: fn() for provider, fn in fns.items()}
+        repeats = {}
         for provider in PROVIDERS:
-            fn = entry.make(case, provider, device)
-            outputs[provider] = fn()
-            repeats = entry.quick_repeats if quick else entry.repeats
+            n = entry.quick_repeats if quick else entry.repeats
             if provider == "fast" and entry.fast_repeats is not None and not quick:
-                repeats = entry.fast_repeats
+                n = entry.fast_repeats
             if device.startswith("cuda"):  # GPU calls take milliseconds: more repeats, steadier medians
-                repeats = max(repeats, 10 if quick else 30)
-            timing = time_fn(fn, device, warmup=2 if device.startswith("cuda") else 1, repeats=repeats)
-            row[provider] = timing
-            del fn
-            gc.collect()
+                n = max(n, 10 if quick else 30)
+            repeats[provider] = n
+        # full runs: reference and fast take turns in TIMING_ROUNDS blocks (time_alternating)
+        timings = time_alternating(fns, device, warmup=2 if device.startswith("cuda") else 1, repeats=repeats,
+                                   rounds=1 if quick else TIMING_ROUNDS)
+        del fns
+        gc.collect()
+        for provider in PROVIDERS:
+            row[provider] = timings[provider]
             if measure_memory:
                 row[provider]["peak_bytes"] = peak_memory(entry.name, case, provider, device)
         row["speedup"] = row["reference"]["median_ms"] / row["fast"]["median_ms"]
