@@ -411,7 +411,9 @@ def test_cpu_whole_op_path_without_avx512(tmp_path):
     import sys
 
     env = {**os.environ, "GUIDG_FAST_NO_AVX512": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    # -P and a cwd away from the checkout: the child imports the package the suite tests (CI installs
+    # it; the source tree has no built _C there), not the source tree
+    proc = subprocess.run([sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            f"{__file__}::test_cpu_whole_op_path"], capture_output=True, text=True, env=env, timeout=600,
-                          cwd=os.path.dirname(os.path.dirname(__file__)))
+                          cwd=str(tmp_path))
     assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]

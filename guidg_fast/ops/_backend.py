@@ -96,7 +96,11 @@ def interpreter_problem() -> str | None:
         _interpreter_checked = True
         try:
             from ..kernels import _probe
-
+        except ImportError as exc:  # not an interpreter problem: the kernels are not installed
+            _interpreter_error = f"guidg_fast.kernels cannot be imported ({exc})"
+            _warn_once("triton-interpreter", f"{_interpreter_error}: Triton is not used on CPU tensors.")
+            return _interpreter_error
+        try:
             if not _probe.interpreter_runs_loops():
                 _interpreter_error = "a loop over a runtime bound gave a wrong count"
         except Exception as exc:  # the interpreter's own error, whatever its type
