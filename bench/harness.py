@@ -80,7 +80,12 @@ def time_fn(fn: Callable, device: str, warmup: int = 1, repeats: int = 10) -> di
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
+    return _summary(times)
+
+
+def _summary(times: list) -> dict:
+    """Median and 20/80% quantiles of timings in milliseconds (and the sorted timings)."""
+    times = sorted(times)
     q = lambda p: times[min(len(times) - 1, int(round(p * (len(times) - 1))))]  # noqa: E731
     return {"median_ms": statistics.median(times), "q20_ms": q(0.2), "q80_ms": q(0.8), "times_ms": times}
 
@@ -104,12 +109,7 @@ def time_alternating(fns: dict, device: str, warmup: int, repeats: dict, rounds:
             fns[name]()
             _sync(device)
             times[name] += time_fn(fns[name], device, warmup=0, repeats=count)["times_ms"]
-    out = {}
-    for name, t in times.items():
-        t.sort()
-        q = lambda p: t[min(len(t) - 1, int(round(p * (len(t) - 1))))]  # noqa: E731
-        out[name] = {"median_ms": statistics.median(t), "q20_ms": q(0.2), "q80_ms": q(0.8), "times_ms": t}
-    return out
+    return {name: _summary(t) for name, t in times.items()}
 
 
 def max_rel_err(a: tuple, b: tuple) -> float:

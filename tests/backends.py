@@ -30,7 +30,6 @@ def require_ext() -> bool:
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-
 # compile_sm90(kernel, signature, constexprs, **options) for the scripts of run_sm90_compile:
 # constexprs go to ASTSource keyed by argument index, which every Triton since 3.3 reads (3.5
 # ignores name keys)

@@ -403,15 +403,16 @@ __attribute__((target("avx512f"))) void pool_keys4_avx512(const float* wt, const
   }
 }
 
-// dwt[h0 + i, c + a] (i < 4, a < 2) = sum_k dkey_k[h0 + i] . T_k[c + a] over features [0, D - D % 16):
-// 8 accumulators; the rest of the features is added by the caller
+// sums[2 i + a] = sum_k dkey_k[h0 + i] . T_k[class a] (i < 4; classes c_a, c_b) over features
+// [0, D - D % 16): 8 accumulators; the rest of the features is added by the caller
 __attribute__((target("avx512f"))) void key_grad8_avx512(const float* dkey, const float* T, int64_t K, int64_t H,
-                                                         int64_t C, int64_t D, int64_t h0, int64_t c, float* sums) {
+                                                         int64_t C, int64_t D, int64_t h0, int64_t c_a, int64_t c_b,
+                                                         float* sums) {
   __m512 acc[8];
   for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    const float* t0 = T + (k * C + c) * D;
-    const float* t1 = t0 + D;
+    const float* t0 = T + (k * C + c_a) * D;
+    const float* t1 = T + (k * C + c_b) * D;
     const float* g = dkey + (k * H + h0) * D;
     for (int64_t d = 0; d + 16 <= D; d += 16) {
       const __m512 a0 = _mm512_loadu_ps(t0 + d), a1 = _mm512_loadu_ps(t1 + d);
@@ -470,20 +471,8 @@ void key_weight_grad(const scalar_t* dkey, const scalar_t* T, int64_t K, int64_t
         const int64_t cn = std::min<int64_t>(2, c1 - c);
         for (int64_t h0 = 0; h0 < H; h0 += 4) {
           float sums[8];
-          if (cn == 2) {
-            key_grad8_avx512(dkey, T, K, H, C, D, h0, c, sums);
-          } else {  // a last odd class: its row read twice, the duplicate dropped
-            std::fill(sums, sums + 8, 0.0f);
-            for (int64_t k = 0; k < K; ++k) {
-              for (int i = 0; i < 4; ++i) {
-                const float* g = dkey + (k * H + h0 + i) * D;
-                const float* t = T + (k * C + c) * D;
-                float s = 0;
-                for (int64_t d = 0; d < d_vec; ++d) s += g[d] * t[d];
-                sums[2 * i] += s;
-              }
-            }
-          }
+          // a last odd class is paired with itself (the duplicate sums dropped below)
+          key_grad8_avx512(dkey, T, K, H, C, D, h0, c, c + cn - 1, sums);
           for (int64_t a = 0; a < cn; ++a) {
             for (int i = 0; i < 4; ++i) {
               float s = sums[2 * i + a];

@@ -96,24 +96,23 @@ def interpreter_problem() -> str | None:
         _interpreter_checked = True
         try:
             from ..kernels import _probe
-        except ImportError as exc:  # not an interpreter problem: the kernels are not installed
+        except ImportError as exc:  # the kernels are not installed: not the interpreter's fault
             _interpreter_error = f"guidg_fast.kernels cannot be imported ({exc})"
-            _warn_once("triton-interpreter", f"{_interpreter_error}: Triton is not used on CPU tensors.")
-            return _interpreter_error
-        try:
-            if not _probe.interpreter_runs_loops():
-                _interpreter_error = "a loop over a runtime bound gave a wrong count"
-        except Exception as exc:  # the interpreter's own error, whatever its type
-            _interpreter_error = f"{type(exc).__name__}: {exc}"
-        if _interpreter_error is not None:
-            import numpy
-            import triton
+        else:
+            try:
+                problem = None if _probe.interpreter_runs_loops() else "a loop's count came out wrong"
+            except Exception as exc:  # the interpreter's own error, whatever its type
+                problem = f"{type(exc).__name__}: {exc}"
+            if problem is not None:
+                import numpy
+                import triton
 
-            _interpreter_error = (
-                f"Triton's CPU interpreter (triton {triton.__version__}, numpy {numpy.__version__}) cannot run "
-                f"a loop over a runtime bound ({_interpreter_error}); triton < 3.6 needs numpy < 2.4 "
-                "(triton-lang/triton#9171)"
-            )
+                _interpreter_error = (
+                    f"Triton's CPU interpreter (triton {triton.__version__}, numpy {numpy.__version__}) cannot run "
+                    f"a loop over a runtime bound ({problem}); triton < 3.6 needs numpy < 2.4 "
+                    "(triton-lang/triton#9171)"
+                )
+        if _interpreter_error is not None:
             _warn_once("triton-interpreter", f"{_interpreter_error}: Triton is not used on CPU tensors.")
     return _interpreter_error
 
