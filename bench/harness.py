@@ -199,6 +199,31 @@ def peak_memory(entry_name: str, case: dict, provider: str, device: str) -> int 
     return int(proc.stdout.strip().splitlines()[-1])
 
 
+# glibc's malloc serves a request above its mmap threshold (128 KiB at start) with a fresh mapping and
+# raises the threshold (to at most 32 MiB) when such a block is freed, and it returns free memory at
+# the top of the heap to the kernel above twice the threshold. A process early in its life therefore
+# hands the few-MB temporaries of an eager step back to the kernel after every call and page-faults
+# them in again on the next: measured here, the cmattn_loss reference at C = 200 took ~2000 minor
+# page faults per call and ran 20-30% slower than in a process that had once freed a large block,
+# while the fast path (pooled outputs) took none. A training process is in the second state: the
+# vision encoder's activations are tens of MB each. So the timings are taken there, whatever ran
+# before in this process (a case's position in the run changed its reference time without this).
+_SETTLE_BYTES = 31 * 1024 * 1024  # below glibc's 32 MiB cap on the dynamic threshold
+_allocator_settled = False
+
+
+def settle_allocator() -> None:
+    """Puts glibc's malloc into the steady state of a long-running training process (see above):
+    one large block allocated and freed raises its mmap and trim thresholds for good. Once
+    per process; harmless under other allocators."""
+    global _allocator_settled
+    if _allocator_settled:
+        return
+    block = torch.empty(_SETTLE_BYTES // 4, dtype=torch.float32)  # mapped, never touched
+    del block
+    _allocator_settled = True
+
+
 def machine_rates(device: str, quick: bool) -> dict:
     """The machine's own fp32 GEMM rate (GFLOP/s) and copy bandwidth (GB/s), measured now."""
     n = (1024 if quick else 2048) * (4 if device.startswith("cuda") else 1)
@@ -219,6 +244,7 @@ def run_entry(entry: Entry, device: str, quick: bool, measure_memory: bool = Tru
     rows = []
     for case in entry.cases(quick):
         row = {"entry": entry.name, "case": case, "device": device, "backend": entry.backend(case, device)}
+        settle_allocator()
         fns = {provider: entry.make(case, provider, device) for provider in PROVIDERS}
         outputs = {provider: fn() for provider, fn in fns.items()}
         repeats = {}
