@@ -207,7 +207,8 @@ def peak_memory(entry_name: str, case: dict, provider: str, device: str) -> int 
 # page faults per call and ran 20-30% slower than in a process that had once freed a large block,
 # while the fast path (pooled outputs) took none. A training process is in the second state: the
 # vision encoder's activations are tens of MB each. So the timings are taken there, whatever ran
-# before in this process (a case's position in the run changed its reference time without this).
+# before in this process (machine_rates's 16 MB GEMM operands happened to settle full runs; quick
+# runs, callers of run_entry and ad-hoc timing scripts were not).
 _SETTLE_BYTES = 31 * 1024 * 1024  # below glibc's 32 MiB cap on the dynamic threshold
 _allocator_settled = False
 
