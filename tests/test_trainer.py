@@ -142,3 +142,16 @@ def test_step1_augmented_views():
         _model().fit_experts(_data(), iterations=2, views=2)
     with pytest.raises(ValueError, match="views"):
         _model().fit_experts(_data(), iterations=2, views=0)
+
+
+def test_progress_bar_redraws_rarely_when_not_a_terminal(capsys):
+    # a log file or CI (capsys: stderr is not a tty) gets the first and last state and one line per
+    # 10 s, not a redraw per step
+    from guidg_fast.train import guidg
+
+    bar = guidg._progress(range(500), True, "step x")
+    for _ in bar:
+        guidg._postfix(bar, 1.25, 10, 0.5)
+    err = capsys.readouterr().err
+    assert err.count("\r") < 10, f"{err.count(chr(13))} redraws for 500 steps"
+    assert "500/500" in err and "loss=1.2500" in err and "img_per_s=20" in err

@@ -508,14 +508,26 @@ class GuiDG:
         self.expert_features = None
 
 
+# Seconds between progress-bar redraws: a terminal gets tqdm's usual 0.1 s; a file or pipe (a
+# log, CI) gets one line every 10 s instead of a redraw per step.
+_REDRAW_TTY_S = 0.1
+_REDRAW_LOG_S = 10.0
+
+
 def _progress(iterable, enabled: bool, desc: str):
     if not enabled:
         return iterable
+    import sys
+
     from tqdm import tqdm
 
-    return tqdm(iterable, desc=desc, dynamic_ncols=True)
+    stream = sys.stderr
+    interactive = hasattr(stream, "isatty") and stream.isatty()
+    return tqdm(iterable, desc=desc, dynamic_ncols=True, file=stream,
+                mininterval=_REDRAW_TTY_S if interactive else _REDRAW_LOG_S)
 
 
 def _postfix(bar, loss: float, images: int, seconds: float) -> None:
+    # refresh=False: the numbers show at the bar's next redraw (set_postfix would force one per step)
     if hasattr(bar, "set_postfix"):
-        bar.set_postfix(loss=f"{loss:.4f}", img_per_s=f"{images / max(seconds, 1e-9):.0f}")
+        bar.set_postfix(loss=f"{loss:.4f}", img_per_s=f"{images / max(seconds, 1e-9):.0f}", refresh=False)
