@@ -1,5 +1,6 @@
 """One step-2 iteration with every GuiDG part: vision encoder forward+backward, CMAttn, multi-expert
-loss, AdamW and BMA — fused ops (fast) vs the eager reference ops and per-tensor BMA (reference).
+loss, AdamW and BMA — the trainer's calls (fast: ops.guidance_loss, ops.bma_update_) vs the eager
+reference ops and per-tensor BMA (reference).
 
 The extras report what share of the iteration the GuiDG-specific parts (CMAttn + loss + BMA) take
 next to the encoder's own forward+backward, for both providers.
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..harness import Entry, time_fn
+from . import cmattn_loss
 from guidg_fast import CrossModalAttention, ops, reference
 from guidg_fast.averaging import BetaMovingAverage
 
@@ -44,11 +46,15 @@ def _setup(case, device):
     return visual, attn, x, y, T
 
 
-def _guidg_parts(provider, attn, f, y, T, bma, params):
-    backend = "eager" if provider == "reference" else None
-    with ops.use_backend(backend):
-        w = attn(f, T).mean(0)
-        loss = ops.multi_expert_loss(f, T, y, w, 100.0, margin=0.3)
+def _guidg_parts(provider, attn, f, y, T):
+    """The guided loss as each side computes it: the trainer's one call (GuiDG.step2_loss ->
+    ops.guidance_loss) for fast, the CMAttn module, batch mean and loss on the eager ops (the
+    reference's per-head / per-expert loops) for reference."""
+    if provider == "reference":
+        with ops.use_backend("eager"):
+            w = attn(f, T).mean(0)
+            return ops.multi_expert_loss(f, T, y, w, 100.0, margin=0.3)
+    loss, _ = ops.guidance_loss(f, T, y, *attn.stacked_parameters(), 100.0, margin=0.3, metric=attn.metric)
     return loss
 
 
@@ -62,7 +68,7 @@ def make(case, provider, device):
 
     def run():
         f = F.normalize(visual(x), dim=-1)
-        loss = _guidg_parts(provider, attn, f, y, T, bma, params)
+        loss = _guidg_parts(provider, attn, f, y, T)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -92,7 +98,7 @@ def extras(case, device, quick):
 
         def parts():
             f = f0.clone().requires_grad_(True)
-            loss = _guidg_parts(provider, attn, f, y, T, bma, None)
+            loss = _guidg_parts(provider, attn, f, y, T)
             loss.backward()
             attn.zero_grad(set_to_none=True)
             update(list(bma.moving_avg.parameters()), vparams, 0.01)
@@ -103,9 +109,13 @@ def extras(case, device, quick):
     return out
 
 
+def _backend_label(device):
+    d = torch.device(device)
+    loss = cmattn_loss._backend_label(device)  # guidance_loss: one node, or the two ops' backends
+    return f"{loss}+bma_update_:{ops.choose('bma_update_', d)}"
+
+
 ENTRY = Entry(
     name="step2_iteration", cases=cases, make=make, extras=extras, repeats=3, quick_repeats=2,
-    backend=lambda case, device: "+".join(
-        f"{op}:{ops.choose(op, torch.device(device))}" for op in ("cmattn", "multi_expert_loss", "bma_update_")
-    ),
+    backend=lambda case, device: _backend_label(device),
 )
