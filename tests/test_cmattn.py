@@ -404,16 +404,10 @@ def test_cpu_whole_op_path(dtype):
 
 
 @pytest.mark.skipif("ext" not in _backend.available("cmattn", "cpu"), reason="guidg_fast._C not built")
-def test_cpu_whole_op_path_without_avx512(tmp_path):
-    # GUIDG_FAST_NO_AVX512=1 (read once per process): the BLAS path of the class pooling and dwt
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "GUIDG_FAST_NO_AVX512": "1"}
-    # -P and a cwd away from the checkout: the child imports the package the suite tests (CI installs
-    # it; the source tree has no built _C there), not the source tree
-    proc = subprocess.run([sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           f"{__file__}::test_cpu_whole_op_path"], capture_output=True, text=True, env=env, timeout=600,
-                          cwd=str(tmp_path))
-    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_cpu_whole_op_path_without_avx512(isa):
+    # below AVX-512 the class pooling and dwt take their BLAS path and the head loops their
+    # AVX2 / baseline builds (cpu_isa.h)
+    with _backend.cpu_isa_cap(isa):
+        for dtype in (torch.float32, torch.float64):
+            test_cpu_whole_op_path(dtype)

@@ -21,6 +21,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu_isa.h"
 #include "cmattn.h"
 #include "cmattn_cpu.h"
 #include "cpu_blas.h"
@@ -81,14 +82,9 @@ int64_t head_grain(int64_t B, int64_t K, int64_t D) {
   return std::max<int64_t>(1, kWorkPerChunk / std::max<int64_t>(1, B * (K + 1) * D));
 }
 
-// The per-head loops are compiled for AVX-512 / AVX2 / baseline with runtime selection (the
+// The per-head loops are compiled for AVX-512 / AVX2 / baseline and picked per call (cpu_isa.h; the
 // extension itself targets the baseline ISA); they run over the batch, unit stride in the
 // batch-minor layout (kBatchMinor: known at compile time, so the loops vectorise).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define GF_CMATTN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define GF_CMATTN_CLONES
-#endif
 
 // sum_i term(i) for i < n in eight independent lanes (vectorised, no serial add chain)
 template <typename acc_t, typename Term>
@@ -113,7 +109,7 @@ inline acc_t strided_dot(const acc_t* a, const scalar_t* x, int64_t stride, int6
 // With bias (bv, (H, D)), q_{b,h} += bv_h is applied in place first (the whole-op forward leaves the
 // bias out of its GEMM, so q is written once there instead of filled, read and written back).
 template <typename scalar_t, typename acc_t, bool kBatchMinor>
-GF_CMATTN_CLONES void head_statistics(const scalar_t* q, int64_t sb_runtime, int64_t sd, const scalar_t* keys,
+GF_ISA_INLINE void head_statistics_body(const scalar_t* q, int64_t sb_runtime, int64_t sd, const scalar_t* keys,
                                       int64_t h, int64_t B, int64_t H, int64_t K, int64_t D, acc_t* nrm, acc_t* dk,
                                       const scalar_t* bias) {
   const int64_t sb = kBatchMinor ? 1 : sb_runtime;
@@ -135,6 +131,18 @@ GF_CMATTN_CLONES void head_statistics(const scalar_t* q, int64_t sb_runtime, int
       const acc_t kv = static_cast<acc_t>(keys[(k * H + h) * D + d]);
       for (int64_t b = 0; b < B; ++b) dkk[b] += static_cast<acc_t>(col[b * sb]) * kv;
     }
+  }
+}
+template <typename scalar_t, typename acc_t, bool kBatchMinor>
+GF_ISA_TARGET_AVX512 void head_statistics_avx512(const scalar_t* q, int64_t sb_runtime, int64_t sd, const scalar_t* keys, int64_t h, int64_t B, int64_t H, int64_t K, int64_t D, acc_t* nrm, acc_t* dk, const scalar_t* bias) { head_statistics_body<scalar_t, acc_t, kBatchMinor>(q, sb_runtime, sd, keys, h, B, H, K, D, nrm, dk, bias); }
+template <typename scalar_t, typename acc_t, bool kBatchMinor>
+GF_ISA_TARGET_AVX2 void head_statistics_avx2(const scalar_t* q, int64_t sb_runtime, int64_t sd, const scalar_t* keys, int64_t h, int64_t B, int64_t H, int64_t K, int64_t D, acc_t* nrm, acc_t* dk, const scalar_t* bias) { head_statistics_body<scalar_t, acc_t, kBatchMinor>(q, sb_runtime, sd, keys, h, B, H, K, D, nrm, dk, bias); }
+template <typename scalar_t, typename acc_t, bool kBatchMinor>
+void head_statistics(const scalar_t* q, int64_t sb_runtime, int64_t sd, const scalar_t* keys, int64_t h, int64_t B, int64_t H, int64_t K, int64_t D, acc_t* nrm, acc_t* dk, const scalar_t* bias) {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return head_statistics_avx512<scalar_t, acc_t, kBatchMinor>(q, sb_runtime, sd, keys, h, B, H, K, D, nrm, dk, bias);
+    case Isa::kAvx2: return head_statistics_avx2<scalar_t, acc_t, kBatchMinor>(q, sb_runtime, sd, keys, h, B, H, K, D, nrm, dk, bias);
+    default: return head_statistics_body<scalar_t, acc_t, kBatchMinor>(q, sb_runtime, sd, keys, h, B, H, K, D, nrm, dk, bias);
   }
 }
 
@@ -183,7 +191,7 @@ void row_probabilities(bool cosine, const acc_t* dot, acc_t q_norm, const acc_t*
 // Head h: dq_{b,h} = qw_b q_{b,h} + sum_k coef_{k,b} key_{k,h} (dq in q's layout) and
 // dkey_{k,h} = self_k key_{k,h} + sum_b coef_{k,b} q_{b,h}; row (B) is scratch.
 template <typename scalar_t, typename acc_t, bool kBatchMinor>
-GF_CMATTN_CLONES void head_gradients(const scalar_t* qp, int64_t sb_runtime, int64_t sd, const scalar_t* kp,
+GF_ISA_INLINE void head_gradients_body(const scalar_t* qp, int64_t sb_runtime, int64_t sd, const scalar_t* kp,
                                      const acc_t* qw, const acc_t* coef, const acc_t* self, int64_t h, int64_t B,
                                      int64_t H, int64_t K, int64_t D, acc_t* __restrict__ row, scalar_t* dqp,
                                      scalar_t* dkp, scalar_t* dbvp) {
@@ -216,6 +224,18 @@ GF_CMATTN_CLONES void head_gradients(const scalar_t* qp, int64_t sb_runtime, int
     }
     cpu_blas::gemm<scalar_t>(false, true, K, D, B, scalar_t(1), coef, B, qp + h * D * sd, sd, scalar_t(1),
                              dkp + h * D, H * D);
+  }
+}
+template <typename scalar_t, typename acc_t, bool kBatchMinor>
+GF_ISA_TARGET_AVX512 void head_gradients_avx512(const scalar_t* qp, int64_t sb_runtime, int64_t sd, const scalar_t* kp, const acc_t* qw, const acc_t* coef, const acc_t* self, int64_t h, int64_t B, int64_t H, int64_t K, int64_t D, acc_t* __restrict__ row, scalar_t* dqp, scalar_t* dkp, scalar_t* dbvp) { head_gradients_body<scalar_t, acc_t, kBatchMinor>(qp, sb_runtime, sd, kp, qw, coef, self, h, B, H, K, D, row, dqp, dkp, dbvp); }
+template <typename scalar_t, typename acc_t, bool kBatchMinor>
+GF_ISA_TARGET_AVX2 void head_gradients_avx2(const scalar_t* qp, int64_t sb_runtime, int64_t sd, const scalar_t* kp, const acc_t* qw, const acc_t* coef, const acc_t* self, int64_t h, int64_t B, int64_t H, int64_t K, int64_t D, acc_t* __restrict__ row, scalar_t* dqp, scalar_t* dkp, scalar_t* dbvp) { head_gradients_body<scalar_t, acc_t, kBatchMinor>(qp, sb_runtime, sd, kp, qw, coef, self, h, B, H, K, D, row, dqp, dkp, dbvp); }
+template <typename scalar_t, typename acc_t, bool kBatchMinor>
+void head_gradients(const scalar_t* qp, int64_t sb_runtime, int64_t sd, const scalar_t* kp, const acc_t* qw, const acc_t* coef, const acc_t* self, int64_t h, int64_t B, int64_t H, int64_t K, int64_t D, acc_t* __restrict__ row, scalar_t* dqp, scalar_t* dkp, scalar_t* dbvp) {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return head_gradients_avx512<scalar_t, acc_t, kBatchMinor>(qp, sb_runtime, sd, kp, qw, coef, self, h, B, H, K, D, row, dqp, dkp, dbvp);
+    case Isa::kAvx2: return head_gradients_avx2<scalar_t, acc_t, kBatchMinor>(qp, sb_runtime, sd, kp, qw, coef, self, h, B, H, K, D, row, dqp, dkp, dbvp);
+    default: return head_gradients_body<scalar_t, acc_t, kBatchMinor>(qp, sb_runtime, sd, kp, qw, coef, self, h, B, H, K, D, row, dqp, dkp, dbvp);
   }
 }
 
@@ -365,16 +385,8 @@ std::tuple<at::Tensor, at::Tensor> cmattn_backward_cpu(const at::Tensor& grad_ou
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define GF_POOL_AVX512 1
 
-// GUIDG_FAST_NO_AVX512=1 takes the BLAS path on any CPU (what the tests use to check it)
-bool pool_avx512() {
-  static const bool usable = [] {
-    const char* off = std::getenv("GUIDG_FAST_NO_AVX512");
-    if (off != nullptr && std::strcmp(off, "1") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
-  }();
-  return usable;
-}
+// AVX-512 where cpu_isa() (GUIDG_FAST_CPU_ISA) allows it; the BLAS path otherwise
+bool pool_avx512() { return cpu_isa() == Isa::kAvx512; }
 
 // keys rows h0..h0+3 (out: row h0), features [0, D - D % 64): 4 heads x 64 features in 16
 // registers, bias first, then the classes in order
