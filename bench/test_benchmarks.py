@@ -1,4 +1,4 @@
-"""pytest-benchmark suites over the same entries as ``python -m bench`` (not part of the default test run).
+"""pytest-benchmark suites over the same entries as ``guidg-fast bench`` (not part of the default test run).
 
     pytest bench/test_benchmarks.py --benchmark-only [-k cmattn] [--benchmark-json out.json]
 """
