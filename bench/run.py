@@ -177,15 +177,25 @@ class Results:
         _atomic_write(self.md_path, self.markdown(result) + "\n")
 
     def markdown(self, result: dict) -> str:
-        used = {r.get("run") for r in result["rows"]} | {self.run}
-        head = [f"Runs (`guidg-fast bench`, {'quick' if self.quick else 'full'}, {self.device}):"]
+        entries_of: dict[str, list] = {}
+        for r in result["rows"] + result["skipped"]:
+            entries_of.setdefault(r.get("run"), [])
+            if r["entry"] not in entries_of[r.get("run")]:
+                entries_of[r.get("run")].append(r["entry"])
+        head = [f"Runs whose rows are shown (`guidg-fast bench`, {'quick' if self.quick else 'full'}, {self.device}; "
+                "every run's rows are in history.jsonl):"]
         for run, info in sorted(self.runs.items()):
-            if run in used:
-                rates = info.get("rates") or {}
-                head.append(f"- `{run}` ({info.get('date', '?')}, {info.get('machine', '?')}; fp32 GEMM "
-                            f"{rates.get('gemm_gflops', float('nan')):.1f} GFLOP/s, copy "
-                            f"{rates.get('copy_gbps', float('nan')):.1f} GB/s): {', '.join(info.get('entries', []))}"
-                            + ("" if run != self.run or self.complete else " (in progress)"))
+            if run not in entries_of:
+                continue
+            rates = info.get("rates") or {}
+            line = (f"- `{run}` ({info.get('date', '?')}, {info.get('machine', '?')}, torch "
+                    f"{(info.get('versions') or {}).get('torch', '?')}; fp32 GEMM {rates.get('gemm_gflops', float('nan')):.1f} "
+                    f"GFLOP/s, copy {rates.get('copy_gbps', float('nan')):.1f} GB/s): {', '.join(entries_of[run])}")
+            if run == self.run and not self.complete:
+                line += " (in progress)"
+            for note in info.get("notes", []):
+                line += f"\n  - {note}"
+            head.append(line)
         return "\n".join(head) + "\n\n" + markdown_table(result["rows"], result["skipped"])
 
     def finish(self) -> dict:

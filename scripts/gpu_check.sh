@@ -2,14 +2,16 @@
 # One GPU check in one call: build _C with its CUDA kernels (sm_90 by default), run every test that
 # needs a GPU (CUDA and Triton backends against the reference), optionally a short demo, the
 # benchmark entries on the GPU with the default backends, then the step-2 entries again with the
-# C++/CUDA extension forced (GUIDG_FAST_BACKEND=ext) so the two GPU backends sit side by side.
-# Everything printed goes to $OUT/gpu.log; bench results to $OUT/default/ and $OUT/ext/ (JSON,
-# markdown, PNG): 7 files, inside the device tool's 8-file limit. Meant for a machine with torch +
-# nvcc installed (the lent H100/H200); missing pure-Python packages can sit as wheels in .whl/.
+# other backend forced (GUIDG_FAST_BACKEND=triton) so the two GPU backends sit side by side.
+# Everything printed goes to $OUT/gpu.log; bench results to $OUT/bench/gpu/ (latest.json, latest.md,
+# latest.png, history.jsonl: the committed bench/gpu files with this run's rows merged in and
+# appended, written as each case finishes; `cp $OUT/bench/gpu/* bench/gpu/` takes them in): 5
+# files. Meant for a machine with torch + nvcc installed (the lent H100/H200); missing pure-Python
+# packages can sit as wheels in .whl/.
 #   bash scripts/gpu_check.sh [--quick]
 # Knobs: TEST_TIMEOUT (s, default 200), DEMO_TIMEOUT (s, 0 = skip, default 0), BENCH_TIMEOUT (s, 200),
-# BENCH_ONLY (entries of the default-backend run), EXT_ONLY (entries of the ext run, "" skips it),
-# EXT_TIMEOUT (s, 120).
+# BENCH_ONLY (entries of the default-backend run), ALT_BACKEND (triton), ALT_ONLY (entries of that
+# run, "" skips it), ALT_TIMEOUT (s, 120).
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/gpu-out}
@@ -18,6 +20,9 @@ LOG=$OUT/gpu.log
 MODE=
 [ "${1:-}" = "--quick" ] && MODE=--quick
 say() { echo "$@" | tee -a "$LOG"; }
+RESULTS=$OUT/bench/gpu
+mkdir -p "$RESULTS"
+for f in latest.json history.jsonl; do [ -f bench/gpu/$f ] && [ ! -f "$RESULTS/$f" ] && cp bench/gpu/$f "$RESULTS/"; done
 
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -76,13 +81,15 @@ fi
 
 t0=$(date +%s)
 timeout ${BENCH_TIMEOUT:-200} python3 -P -m guidg_fast bench --device cuda $MODE ${BENCH_ONLY:+--only $BENCH_ONLY} \
-    --out "$OUT/default" 2>&1 | tee -a "$LOG" | tail -40
+    --out "$RESULTS" 2>&1 | tee -a "$LOG" | tail -40
 say "bench rc=${PIPESTATUS[0]} ($(( $(date +%s) - t0 )) s)"
 
-EXT_ONLY=${EXT_ONLY-cmattn_loss cmattn multi_expert_loss}
-if [ -n "$EXT_ONLY" ]; then
+# the other GPU backend beside the default (ext) one, same lease: rows marked forced_backend
+ALT_BACKEND=${ALT_BACKEND:-triton}
+ALT_ONLY=${ALT_ONLY-cmattn_loss cmattn multi_expert_loss}
+if [ -n "$ALT_ONLY" ]; then
     t0=$(date +%s)
-    GUIDG_FAST_BACKEND=ext timeout ${EXT_TIMEOUT:-120} python3 -P -m guidg_fast bench --device cuda $MODE \
-        --only $EXT_ONLY --out "$OUT/ext" 2>&1 | tee -a "$LOG" | tail -30
-    say "ext bench rc=${PIPESTATUS[0]} ($(( $(date +%s) - t0 )) s)"
+    GUIDG_FAST_BACKEND=$ALT_BACKEND timeout ${ALT_TIMEOUT:-120} python3 -P -m guidg_fast bench --device cuda $MODE \
+        --only $ALT_ONLY --out "$RESULTS" 2>&1 | tee -a "$LOG" | tail -30
+    say "$ALT_BACKEND bench rc=${PIPESTATUS[0]} ($(( $(date +%s) - t0 )) s)"
 fi
