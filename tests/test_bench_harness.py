@@ -80,3 +80,21 @@ def test_a_case_that_does_not_fit_is_skipped_with_the_reason(monkeypatch):
     assert made == [] and rows == seen and len(rows) == 1
     assert "needs ~1.9 GB" in rows[0]["skipped"] and "1.4 GB available (MemAvailable" in rows[0]["skipped"]
     assert "[skip] huge" in log[0]
+
+
+def test_guidg_run_quick_reports_both_sides_with_phase_shares(tmp_path, monkeypatch):
+    from guidg_fast.bench.entries import guidg_run
+
+    monkeypatch.setenv("GUIDG_FAST_BENCH_DATA", str(tmp_path))
+    (row,) = guidg_run.run("cpu", quick=True, log=lambda *a: None)
+    assert len(list(tmp_path.glob("640x480-n1/sketch/*/*.jpg"))) == len(guidg_run.CLASSES)
+    for side in ("reference", "fast"):
+        r = row[side]
+        assert r["step2_s_per_iter"] > 0 and r["eval_img_per_s"] > 0 and r["step1_s_per_iter"] > 0
+        assert set(r["step2_phase_share"]) == set(guidg_run.PHASES)
+        assert abs(sum(r["step2_phase_share"].values()) - 1) < 1e-6
+        assert r["step2_phase_share"]["encoder"] > 0 and r["step2_phase_share"]["optimizer"] > 0
+        assert abs(sum(r["eval_phase_share"].values()) - 1) < 1e-6
+    assert row["pipeline"]["official_step2_img_per_s_per_core"] > 0
+    assert row["speedup"] == row["reference"]["median_ms"] / row["fast"]["median_ms"]
+    assert "step 2 share: guidance" in row["summary_md"]
