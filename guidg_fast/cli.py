@@ -422,6 +422,8 @@ def main(argv=None) -> int:
         # everything after `bench` (also --help and other leading options) belongs to the bench runner
         return int(cmd_bench(argparse.Namespace(bench_args=argv[1:])) or 0)
     args = build_parser().parse_args(argv)
+    global _current_run
+    _current_run = None
     _resolve_image_size(args)
     try:
         return int(args.func(args) or 0)

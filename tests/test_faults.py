@@ -459,3 +459,11 @@ def test_decompression_bomb_is_refused_or_skipped(tmp_path):
         with pytest.warns(UserWarning, match=r"bomb\.png.*above the limit"):
             skipping = gf.data.DomainFolder(tmp_path / "dom", skip_corrupt=True)
     assert len(skipping) == 1 and skipping.samples[0][0].endswith("ok.png")
+
+
+def test_save_never_replaces_a_folder_with_other_files(trained, tmp_path):
+    model, _ = trained
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"holds other files \(notes\.txt\)"):
+        model.save(str(tmp_path))
+    assert (tmp_path / "notes.txt").read_text() == "keep me"

@@ -229,15 +229,16 @@ def _decode_state(obj, tensors: dict, path: str):
 
 
 def non_finite_entries(state, where: str = "state", limit: int = 3) -> list[str]:
-    """Names of floating-point tensors in a nested state that hold NaN or Inf (at most ``limit``)."""
-    found: list[str] = []
+    """Names of floating-point tensors in a nested state that hold NaN or Inf (at most ``limit``).
+
+    One host sync per device for the whole state (a step-2 state has hundreds of CUDA tensors).
+    """
+    named: list[tuple[str, torch.Tensor]] = []
 
     def walk(obj, name):
-        if len(found) >= limit:
-            return
         if isinstance(obj, torch.Tensor):
-            if obj.is_floating_point() and obj.numel() and not bool(torch.isfinite(obj).all()):
-                found.append(name)
+            if obj.is_floating_point() and obj.numel():
+                named.append((name, obj))
         elif isinstance(obj, dict):
             for k, v in obj.items():
                 walk(v, f"{name}[{k!r}]")
@@ -246,7 +247,16 @@ def non_finite_entries(state, where: str = "state", limit: int = 3) -> list[str]
                 walk(v, f"{name}[{i}]")
 
     walk(state, where)
-    return found
+    by_device: dict = {}
+    for name, t in named:
+        by_device.setdefault(t.device, []).append((name, t))
+    found: list[str] = []
+    for entries in by_device.values():
+        flags = torch.stack([torch.isfinite(t.detach()).all() for _, t in entries])
+        if bool(flags.all()):
+            continue
+        found.extend(name for (name, _), ok in zip(entries, flags.tolist()) if not ok)
+    return found[:limit]
 
 
 def save_state(path: str, state: dict) -> None:
@@ -401,6 +411,15 @@ def write_model_folder(directory: str, files: dict[str, bytes]) -> None:
     remove_stale_temporaries(parent)
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ValueError(f"cannot save a model folder to {directory!r}: it exists and is not a folder")
+    if os.path.isdir(directory):
+        # the old folder is replaced whole: never a folder that holds anything but a model's files
+        others = sorted(n for n in os.listdir(directory) if n not in files and not n.startswith(_TMP_PREFIX))
+        if others:
+            raise ValueError(
+                f"cannot save a model folder to {directory!r}: it holds other files ({', '.join(others[:5])}"
+                f"{', ...' if len(others) > 5 else ''}); a model folder is replaced as a whole, so save into a new "
+                "or empty folder, or one that a previous save wrote"
+            )
     tmp = tempfile.mkdtemp(dir=parent, prefix=_tmp_prefix(), suffix="-" + os.path.basename(directory))
     try:
         for name, data in files.items():
