@@ -18,6 +18,7 @@ __all__ = [
     "CrossModalAttention",
     "ExpertPromptLearner",
     "GuiDG",
+    "NonFiniteLossError",
     "TINY_ARCH",
     "encode_expert_prompts",
     "load_clip",
@@ -33,4 +34,8 @@ def __getattr__(name: str):
         from .train import GuiDG
 
         return GuiDG
+    if name == "NonFiniteLossError":
+        from .train.checkpoint import NonFiniteLossError
+
+        return NonFiniteLossError
     raise AttributeError(f"module 'guidg_fast' has no attribute {name!r}")

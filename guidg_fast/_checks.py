@@ -102,6 +102,8 @@ def check_cmattn_params(f, T, wv, bv, wt, bt, metric: str) -> tuple[int, int, in
     B, K, C, D = check_features(f, T)
     check_tensor(wv, "wv", 3)
     H = wv.shape[0]
+    if H == 0:
+        raise ValueError(f"wv must hold at least one attention head (H >= 1), got shape {tuple(wv.shape)}")
     check_shape(wv, "wv", (H, D, D), "H heads of linear_v weights, D x D")
     check_tensor(bv, "bv", 2)
     check_shape(bv, "bv", (H, D), "H heads of linear_v biases")
@@ -214,7 +216,7 @@ def check_guidance_args(f, T, y, wv, bv, wt, bt, temperature, margin, entropy_we
         H = wv.shape[0]
         dtype, device = f.dtype, f.device
         if (
-            D_t == D and B > 0 and K > 0 and C > 0 and D > 0 and y.shape[0] == B
+            D_t == D and B > 0 and K > 0 and C > 0 and D > 0 and H > 0 and y.shape[0] == B
             and wv.shape == (H, D, D) and bv.shape == (H, D) and wt.shape == (H, C) and bt.shape == (H,)
             and T.dtype == dtype and wv.dtype == dtype and bv.dtype == dtype and wt.dtype == dtype and bt.dtype == dtype
             and T.device == device and y.device == device and wv.device == device and bv.device == device
@@ -227,3 +229,38 @@ def check_guidance_args(f, T, y, wv, bv, wt, bt, temperature, margin, entropy_we
         check_values=False, defer_temperature=False,
     )
     return tau, margin, entropy_weight
+
+
+def name_non_finite(named_tensors, fallback: str = "w") -> str:
+    """The first of the caller's tensors holding NaN or Inf, for an error about a derived value."""
+    for name, t in named_tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()):
+            return name
+    return fallback
+
+
+def check_count(value, name: str, minimum: int = 1) -> int:
+    """An int >= minimum (batch sizes, step counts)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return value
+
+
+def check_learning_rate(lr, name: str = "lr") -> float:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {lr!r}")
+    return float(lr)
+
+
+def check_dataset_labels(labels: torch.Tensor, C: int, what: str, offset: int = 0) -> None:
+    """Labels of a dataset (or of a batch starting at item ``offset``) in [0, C); names the dataset and item."""
+    if labels.numel() == 0:
+        return
+    bad = (labels < 0) | (labels >= C)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{what} has label {int(labels[i])} at item {offset + i}, outside [0, {C}) for the model's {C} classes"
+        )

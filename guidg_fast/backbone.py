@@ -30,18 +30,26 @@ def _register_configs() -> None:
 def _read_state_dict(path: Path, trust_torchscript: bool) -> dict:
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from .train.checkpoint import load_tensors
 
-        state = load_file(str(path))
+        try:
+            state = load_tensors(str(path))
+        except ValueError as exc:
+            raise ValueError(f"pretrained={str(path)!r}: {exc}") from None
     else:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # TorchScript archives (OpenAI's original .pt) are refused here
+        except Exception as exc:
+            if not _is_torchscript(path):
+                raise ValueError(
+                    f"pretrained={str(path)!r} could not be read as a weights file (a torch.save state dict, "
+                    f".bin or .safetensors): {exc.__class__.__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                ) from exc
+            # TorchScript archives (OpenAI's original .pt) are code: refused unless trusted
             if not trust_torchscript:
                 raise ValueError(
-                    f"pretrained={str(path)!r} could not be read as a plain weights file ({exc.__class__.__name__}). "
-                    "OpenAI's original .pt files are TorchScript archives, i.e. code: pass trust_torchscript=True "
-                    "to load it knowingly, or convert it once to .safetensors."
+                    f"pretrained={str(path)!r} is a TorchScript archive (OpenAI's original .pt files are), i.e. code: "
+                    "pass trust_torchscript=True to load it knowingly, or convert it once to .safetensors."
                 ) from exc
             state = torch.jit.load(str(path), map_location="cpu").state_dict()
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -51,6 +59,16 @@ def _read_state_dict(path: Path, trust_torchscript: bool) -> dict:
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def _is_torchscript(path: Path) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.split("/", 1)[-1].startswith(("code/", "constants.pkl")) for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def _cached_tag_file(arch: str, tag: str, cache_dir: str | None) -> str | None:
@@ -105,8 +123,12 @@ def load_clip(
         raise ValueError(f"arch={arch!r} is not an open_clip architecture (e.g. 'ViT-B-16', '{TINY_ARCH}')")
     if pretrained is None:
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, **model_kwargs)
-    elif os.path.sep in str(pretrained) or Path(str(pretrained)).suffix in (".pt", ".bin", ".pth", ".safetensors"):
+    elif (os.path.sep in str(pretrained) or Path(str(pretrained)).suffix in (".pt", ".bin", ".pth", ".safetensors")
+          or Path(str(pretrained)).is_dir()):
         path = Path(pretrained)
+        if path.is_dir():
+            raise ValueError(f"pretrained={str(path)!r} is a folder; pass the weights file in it "
+                             "(.safetensors, .pt, .pth or .bin)")
         if not path.is_file():
             raise FileNotFoundError(f"pretrained checkpoint file {str(path)!r} does not exist")
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, **model_kwargs)
@@ -133,6 +155,18 @@ def load_clip(
     model = model.to(device).eval()
     tokenizer = open_clip.get_tokenizer(arch)
     return model, preprocess, tokenizer
+
+
+def arch_image_size(arch: str) -> int | None:
+    """The input image side an open_clip architecture's vision tower was built for (None if unknown)."""
+    import open_clip
+
+    _register_configs()
+    cfg = open_clip.get_model_config(arch) or {}
+    size = (cfg.get("vision_cfg") or {}).get("image_size")
+    if isinstance(size, (list, tuple)):
+        size = size[0] if len(set(size)) == 1 else None
+    return int(size) if isinstance(size, int) else None
 
 
 @dataclass

@@ -60,6 +60,59 @@ def cmd_info(args) -> int:
     return 0
 
 
+_current_run = None  # the run folder of the command in progress (for the Ctrl-C message)
+
+
+def _resolve_image_size(args) -> None:
+    """--image-size defaults to the architecture's; a size the architecture cannot take fails now."""
+    from .backbone import arch_image_size
+
+    if not hasattr(args, "image_size") or not hasattr(args, "arch"):
+        return
+    native = arch_image_size(args.arch)
+    if args.image_size is None:
+        args.image_size = native or 224
+    elif args.image_size < 1:
+        raise SystemExit(f"--image-size must be >= 1, got {args.image_size}")
+    elif native is not None and args.image_size != native:
+        raise SystemExit(
+            f"--image-size {args.image_size} does not fit --arch {args.arch}, whose vision tower takes {native} x "
+            f"{native} images (its position embeddings are sized for it); drop --image-size or pass {native}"
+        )
+
+
+def _interrupted(argv: list) -> int:
+    import os
+    import shlex
+
+    from .train.guidg import STEP1_STATE, STEP2_STATE
+
+    print("\ninterrupted (Ctrl-C).", file=sys.stderr)
+    run = _current_run
+    states = [] if run is None else [os.path.join(run.path, n) for n in (STEP2_STATE, STEP1_STATE)
+                                      if os.path.isfile(os.path.join(run.path, n))]
+    command = argv[:1]
+    if not states or command[0] not in ("train-experts", "finetune"):
+        where = f" Run folder: {run.path}." if run is not None else ""
+        print(f"No resumable checkpoint was written.{where}", file=sys.stderr)
+        return 130
+    state = states[0] if command[0] == "finetune" else states[-1]
+    rest, skip = [], False
+    for a in argv[1:]:  # drop an earlier --resume / --out; they are set below
+        if skip:
+            skip = False
+            continue
+        if a in ("--resume", "--out"):
+            skip = True
+            continue
+        if a.startswith(("--resume=", "--out=")):
+            continue
+        rest.append(a)
+    resume = ["guidg-fast", *command, *rest, "--resume", state, "--out", run.path]
+    print(f"last checkpoint: {state}\nresume with:\n  {shlex.join(resume)}", file=sys.stderr)
+    return 130
+
+
 class _RunDir:
     """A run folder with a log file (everything printed) and a metrics JSON."""
 
@@ -69,6 +122,8 @@ class _RunDir:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.path = path or os.path.join("runs", f"{command}-{stamp}")
         os.makedirs(self.path, exist_ok=True)
+        global _current_run
+        _current_run = self
         self._log = open(os.path.join(self.path, "log.txt"), "a")
         self.metrics: dict = {"command": command, "started": stamp}
 
@@ -270,8 +325,8 @@ def _add_common(p, *, demo: bool = False) -> None:
     g.add_argument("--target", default=None, help="held-out target domain (default: the last domain by name)")
     g.add_argument("--n-shot", type=int, default=0,
                    help="few-shot protocol: images per class per half (default: 0 = the 30/70 multi-source split)")
-    g.add_argument("--image-size", type=int, default=32 if demo else 224,
-                   help=f"image side in pixels (default: {32 if demo else 224})")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="image side in pixels (default: the one --arch was built for, e.g. 224 for ViT-B-16)")
     g.add_argument("--skip-corrupt", action="store_true",
                    help="skip unreadable image files with a warning (default: an error naming the file)")
     g.add_argument("--synthetic-classes", type=int, default=7, help="classes of the synthetic data (default: 7)")
@@ -330,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="images per expert per step (default: 32)")
     p.add_argument("--lr", type=float, default=1e-4, help="SGD learning rate (default: 1e-4, official)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="save resumable state every N steps (default: 100)")
-    p.add_argument("--resume", default=None, help="step1_state.pt to continue from (default: none)")
+    p.add_argument("--resume", default=None, help="step1_state.safetensors (in a run folder) to continue from (default: none)")
     p.add_argument("--views", type=int, default=1,
                    help="augmented views cached per image (random crop + flip, official step-1 augmentation); "
                         "1 = one un-augmented view, exact (default: 1)")
@@ -347,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-per-domain", type=int, default=12, help="images per source domain per step (default: 12)")
     p.add_argument("--lr", type=float, default=5e-6, help="AdamW learning rate (default: 5e-6, official)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="save resumable state every N steps (default: 100)")
-    p.add_argument("--resume", default=None, help="step2_state.pt to continue from (default: none)")
+    p.add_argument("--resume", default=None, help="step2_state.safetensors (in a run folder) to continue from (default: none)")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="top-1 per target domain: ensemble, each expert, mean expert weights")
@@ -368,7 +423,13 @@ def main(argv=None) -> int:
         # everything after `bench` (also --help and other leading options) belongs to the bench runner
         return int(cmd_bench(argparse.Namespace(bench_args=argv[1:])) or 0)
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    global _current_run
+    _current_run = None
+    _resolve_image_size(args)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return _interrupted(argv)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ def multi_expert_loss(f, T, y, w, temperature, margin: float = 0.0, entropy_weig
     """sum_k w_k CE(tau (f - margin T_k[y]) T_k^T, y) [+ entropy_weight * sum_k ent_loss], per expert."""
     B, K, C, D = _checks.check_features(f, T)
     _checks.check_labels(y, B, C, f.device)
+    y = y.long()  # int32 labels are accepted, as by the fused backends; cross_entropy wants int64
     _checks.check_expert_weights(w, B, K, f)
     tau = _checks.check_temperature(temperature)
     loss = f.new_zeros(())

@@ -351,8 +351,23 @@ def shared_prefix_encode(model, learner) -> torch.Tensor:
     return features.index_select(0, plan.output_order).view(K, C, -1)
 
 
+def _check_learner_ctx(learner) -> None:
+    # the shared-prefix plan indexes ctx rows by (expert, class, token): a ctx of another shape
+    # would be read from the wrong rows instead of failing
+    ctx = getattr(learner, "ctx", None)
+    if not isinstance(ctx, torch.Tensor):
+        raise ValueError(f"learner.ctx must be a tensor, got {type(ctx).__name__}")
+    K, C, n = learner.num_experts, learner.num_classes, learner.n_ctx
+    W = learner.token_prefix.shape[-1]
+    expected = (K, C, n, W) if learner.class_specific else (K, n, W)
+    if tuple(ctx.shape) != expected:
+        meaning = "K experts, C classes, n_ctx tokens, width" if learner.class_specific else "K experts, n_ctx tokens, width"
+        raise ValueError(f"learner.ctx must have shape {expected} ({meaning}), got {tuple(ctx.shape)}")
+
+
 def encode_expert_prompts(model, learner) -> torch.Tensor:
     """(K, C, D) normalised text features of all experts, differentiable w.r.t. ``learner.ctx``."""
+    _check_learner_ctx(learner)
     forced = _backend.forced_backend()
     if forced is not None:
         _backend.choose("encode_expert_prompts", learner.ctx.device)  # a forced backend that cannot run raises

@@ -56,7 +56,7 @@ def test_step1_resume_equals_uninterrupted(tmp_path):
     part = _model()
     part.fit_experts(_data(), iterations=6, batch_size=5, lr=5e-2, checkpoint_dir=str(tmp_path), checkpoint_every=3)
     resumed = _model()
-    resumed.fit_experts(_data(), iterations=6, batch_size=5, lr=5e-2, resume=str(tmp_path / "step1_state.pt"))
+    resumed.fit_experts(_data(), iterations=6, batch_size=5, lr=5e-2, resume=str(tmp_path / "step1_state.safetensors"))
     assert torch.equal(full.learner.ctx, resumed.learner.ctx)
     assert full.history["step1"] == resumed.history["step1"]
 
@@ -71,7 +71,7 @@ def test_step2_resume_equals_uninterrupted(tmp_path, baseline):
 
     full = run()
     run(checkpoint_dir=str(tmp_path), checkpoint_every=2)
-    resumed = run(resume=str(tmp_path / "step2_state.pt"))
+    resumed = run(resume=str(tmp_path / "step2_state.safetensors"))
     assert full.history["step2"] == resumed.history["step2"]
     for (k, a), b in zip(full.eval_visual.state_dict().items(), resumed.eval_visual.state_dict().values()):
         assert torch.equal(a, b), k

@@ -5,6 +5,7 @@ No DomainBed or Dassl import: a domain is one folder of class sub-folders, read 
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +19,8 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "CorruptImageError",
     "DomainFolder",
+    "ImageTooLargeError",
+    "MAX_IMAGE_PIXELS",
     "load_domainbed",
     "resolve_dataset",
 ]
@@ -63,6 +66,17 @@ class CorruptImageError(OSError):
     """An image file that PIL cannot decode; the message names the file."""
 
 
+class ImageTooLargeError(CorruptImageError):
+    """An image whose header declares more than MAX_IMAGE_PIXELS pixels (a decompression bomb?)."""
+
+
+# Images above this many pixels are refused before decoding: a small compressed file can declare a
+# huge canvas (a 33 KB PNG of 11000 x 11000 decodes to ~460 MB). PIL's own default only warns
+# below twice its limit; this makes it an error (or a skip under skip_corrupt). Raise it here for
+# genuinely huge images.
+MAX_IMAGE_PIXELS = 89_478_485
+
+
 def _norm(name: str) -> str:
     return name.lower().replace("_", "").replace(" ", "").replace("-", "")
 
@@ -85,19 +99,76 @@ def _visible_dirs(path: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
 
 
-def _image_files(folder: Path) -> list[str]:
-    """All image files below ``folder`` (recursively, following links), in a deterministic order."""
+def _image_files(folder: Path, skipped: list | None = None) -> list[str]:
+    """All image files below ``folder`` (recursively, following links), in a deterministic order.
+
+    A folder reached twice through links (a loop, or a link back to an ancestor) is read once,
+    so links can neither hang the walk nor multiply samples. Entries with an image name that are
+    not regular files (FIFOs, sockets, devices, broken links) would block or fail on open: they
+    are left out and reported in ``skipped`` as (path, reason).
+    """
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for fname in sorted(filenames):
-            if not fname.startswith(".") and fname.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(os.path.join(dirpath, fname))
+    visited = set()
+    pending = [str(folder)]
+    while pending:
+        dirpath = pending.pop()
+        try:
+            real = os.path.realpath(dirpath)
+            info = os.stat(real)
+        except OSError:
+            continue
+        key = (info.st_dev, info.st_ino)
+        if key in visited:
+            continue
+        visited.add(key)
+        try:
+            entries = sorted(os.scandir(dirpath), key=lambda e: e.name)
+        except OSError as exc:
+            if skipped is not None:
+                skipped.append((dirpath, f"unreadable folder: {exc}"))
+            continue
+        subdirs = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_dir = entry.is_dir(follow_symlinks=True)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                subdirs.append(entry.path)
+                continue
+            if not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            try:
+                mode = os.stat(entry.path).st_mode
+            except OSError as exc:
+                if skipped is not None:
+                    skipped.append((entry.path, f"cannot stat ({exc.strerror or exc}): a broken link?"))
+                continue
+            if not stat.S_ISREG(mode):
+                if skipped is not None:
+                    skipped.append((entry.path, "not a regular file (FIFO, socket or device)"))
+                continue
+            found.append(entry.path)
+        pending.extend(reversed(subdirs))  # depth-first in name order, like os.walk
     return found
 
 
+def _check_pixels(img: Image.Image, path: str) -> None:
+    w, h = img.size
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ImageTooLargeError(
+            f"image file {path!r} declares {w} x {h} = {w * h:,} pixels, above the limit of {MAX_IMAGE_PIXELS:,} "
+            "(guidg_fast.data.folders.MAX_IMAGE_PIXELS; a decompression bomb?)"
+        )
+
+
 def _open_rgb(path: str) -> Image.Image:
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block open() forever
+        raise CorruptImageError(f"image file {path!r} is not a regular file (FIFO, socket or device)")
     with Image.open(path) as img:
+        _check_pixels(img, path)
         img.load()
         return img.convert("RGB")
 
@@ -105,7 +176,10 @@ def _open_rgb(path: str) -> Image.Image:
 def _image_problem(path: str) -> str | None:
     """Full check of one image file (header, checksums, whole decode); the problem, or None."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return "not a regular file (FIFO, socket or device)"
         with Image.open(path) as img:
+            _check_pixels(img, path)
             img.verify()  # PNG chunk CRCs, structure
         with Image.open(path) as img:
             # JPEG: decode at reduced scale; still walks the whole entropy-coded stream, so
@@ -177,9 +251,9 @@ class DomainFolder(Dataset):
                 )
             self.classnames = [str(c) for c in classnames]
 
-        samples, empty = [], []
+        samples, empty, special = [], [], []
         for label, folder in enumerate(self.class_folders):
-            files = _image_files(self.root / folder)
+            files = _image_files(self.root / folder, special)
             if not files:
                 empty.append(folder)
             samples.extend((path, label) for path in files)
@@ -193,7 +267,14 @@ class DomainFolder(Dataset):
                 f"domain {self.domain!r}: {len(empty)} class folder(s) contain no images: {_preview(empty)}",
                 stacklevel=2,
             )
-        self.skipped: list[tuple[str, str]] = []  # (path, reason) of images dropped or replaced
+        if special:
+            warnings.warn(
+                f"domain {self.domain!r}: left out {len(special)} entr{'y' if len(special) == 1 else 'ies'} that are "
+                "not readable image files: " + "; ".join(f"{p} ({why})" for p, why in special[:5])
+                + (" ..." if len(special) > 5 else ""),
+                stacklevel=2,
+            )
+        self.skipped: list[tuple[str, str]] = list(special)  # (path, reason) of images dropped or replaced
         if self.skip_corrupt:
             samples = self._drop_unreadable(samples, num_workers)
         self.samples: list[tuple[str, int]] = samples
@@ -319,6 +400,8 @@ def load_domainbed(
     ``root/<domain>/<class>/<image>`` and ``domains`` defaults to every sub-folder of root.
     Every domain must hold the same class folders (labels are indices into the sorted list).
     """
+    if isinstance(domains, (str, bytes)):
+        raise ValueError(f"domains must be a list of domain names, got the string {domains!r} (use [{domains!r}])")
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data root {str(root)!r} does not exist or is not a directory")

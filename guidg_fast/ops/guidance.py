@@ -54,13 +54,31 @@ def guidance_loss(f, T, y, wv, bv, wt, bt, temperature, margin: float = 0.0, ent
         tau, margin, entropy_weight = _checks.check_guidance_args(
             f, T, y, wv, bv, wt, bt, temperature, margin, entropy_weight, metric, weights == "per_sample"
         )
-        loss, w = torch.ops.guidg_fast.guidance_loss(
-            f, T, y, wv, bv, wt, bt, tau, margin, entropy_weight, metric == "cosine", weights == "per_sample"
-        )
-        return loss, w
+        try:
+            return torch.ops.guidg_fast.guidance_loss(
+                f, T, y, wv, bv, wt, bt, tau, margin, entropy_weight, metric == "cosine", weights == "per_sample"
+            )
+        except ValueError as exc:
+            _rename_weight_error(exc, f, T, wv, bv, wt, bt)
+            raise
     _checks.check_cmattn_params(f, T, wv, bv, wt, bt, metric)
     w = cross_modal_attention(f.detach(), T.detach(), wv, bv, wt, bt, metric=metric)
     if weights == "batch":
         w = w.mean(dim=0)
-    loss = multi_expert_loss(f, T, y, w, temperature, margin=margin, entropy_weight=entropy_weight)
+    try:
+        loss = multi_expert_loss(f, T, y, w, temperature, margin=margin, entropy_weight=entropy_weight)
+    except ValueError as exc:
+        _rename_weight_error(exc, f, T, wv, bv, wt, bt)
+        raise
     return loss, w.detach()
+
+
+def _rename_weight_error(exc: ValueError, f, T, wv, bv, wt, bt) -> None:
+    # w is computed here, not passed: name the caller's argument its NaN/Inf came from
+    if not str(exc).startswith("w contains NaN or Inf"):
+        return
+    name = _checks.name_non_finite((("f", f), ("T", T), ("wv", wv), ("bv", bv), ("wt", wt), ("bt", bt)), "f or T")
+    raise ValueError(
+        f"{name} contains NaN or Inf values (the expert weights CMAttn computes from f, T and its parameters "
+        "are not finite)"
+    ) from None

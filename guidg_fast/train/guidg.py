@@ -5,6 +5,7 @@ every computation goes through guidg_fast's ops and encoders.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
@@ -13,7 +14,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from .. import ops, reference
+from .. import _checks, ops, reference
 from ..attention import CrossModalAttention
 from ..averaging import BetaMovingAverage, wise_ft
 from ..backbone import load_clip
@@ -30,6 +31,10 @@ BASELINES = {
     "ueo": {"margin": 0.0, "entropy_weight": 0.01, "bma": False, "wise_alpha": 0.5},
 }
 WEIGHT_MODES = ("batch", "sample")
+STEP1_STATE = "step1_state.safetensors"
+STEP2_STATE = "step2_state.safetensors"
+_NAN_CAUSES = ("NaN or Inf values in the input images, a learning rate too large for the data (lr={lr}), or a "
+               "temperature (logit scale {tau:g}) so large that the logits overflow")
 
 
 def _seeded_generator(*parts: int) -> torch.Generator:
@@ -213,6 +218,8 @@ class GuiDG:
             raise ValueError(f"views must be an int >= 1, got {views!r}")
         if views > 1 and transform is None:
             raise ValueError("views > 1 needs a random transform (every view would be the same image)")
+        batch_size = _checks.check_count(batch_size, "batch_size")
+        _checks.check_learning_rate(lr, "lr")
         sizes = {d: len(datasets[d]) for d in self.domains}
         caches = None
         if views > 1 or transform is not None or cache_dir is not None:
@@ -226,6 +233,9 @@ class GuiDG:
             cached = None
         else:
             cached = {d: self.dataset_features(datasets[d]) for d in self.domains}
+        for d in self.domains:
+            _checks.check_dataset_labels(cached[d][1] if caches is None else caches[d].labels, len(self.classnames),
+                                         f"datasets[{d!r}]")
         steps = iterations if iterations is not None else epochs * max(math.ceil(n / batch_size) for n in sizes.values())
         if steps < 1:
             raise ValueError(f"iterations must be >= 1, got {steps}")
@@ -234,14 +244,16 @@ class GuiDG:
         start = 0
         if resume:
             state = checkpoint.load_state(resume)
-            if state.get("stage") != "step1":
-                raise ValueError(f"resume={resume!r} is not a step-1 state (stage {state.get('stage')!r})")
+            start = checkpoint.check_resume_state(state, resume, "step1", steps, ("ctx", "optimizer", "scheduler", "history"))
+            if tuple(state["ctx"].shape) != tuple(self.learner.ctx.shape):
+                raise ValueError(f"resume state {resume!r} has contexts of shape {tuple(state['ctx'].shape)}, "
+                                 f"this model's are {tuple(self.learner.ctx.shape)}")
             with torch.no_grad():
                 self.learner.ctx.copy_(state["ctx"].to(self.device))
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             self.history["step1"] = list(state["history"])
-            start = int(state["step"])
+        guard = checkpoint.LossGuard("step 1", _NAN_CAUSES.format(lr=lr, tau=self.temperature))
         bar = _progress(range(start, steps), progress, "step 1 (experts)")
         seed = self.config["seed"]
         for step in bar:
@@ -262,18 +274,25 @@ class GuiDG:
             loss.backward()
             optimizer.step()
             scheduler.step()
+            guard.observe(step, loss)
             value = float(loss.detach()) / len(self.domains)
             self.history["step1"].append(value)
             _postfix(bar, value, len(self.domains) * batch_size, time.perf_counter() - t0)
             if callback:
                 callback("step1", step, value)
-            if checkpoint_dir and checkpoint_every and (step + 1) % checkpoint_every == 0:
+            saving = bool(checkpoint_dir and checkpoint_every and (step + 1) % checkpoint_every == 0)
+            if saving or guard.due(step):
+                guard.check(step, self.history["step1"])  # never checkpoint a state after a NaN loss
+            if saving:
+                path = os.path.join(checkpoint_dir, STEP1_STATE)
                 checkpoint.save_state(
-                    os.path.join(checkpoint_dir, "step1_state.pt"),
-                    {"stage": "step1", "step": step + 1, "ctx": self.learner.ctx.detach().cpu(),
+                    path,
+                    {"stage": "step1", "step": step + 1, "total_steps": steps, "ctx": self.learner.ctx.detach().cpu(),
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "history": self.history["step1"]},
                 )
+                guard.checkpoint = path
+        guard.check(steps - 1, self.history["step1"])
         self.refresh_expert_features()
         return self.history["step1"]
 
@@ -330,6 +349,8 @@ class GuiDG:
         self._check_datasets(datasets, "datasets", need_all_domains=False)
         if self.expert_features is None:
             self.refresh_expert_features()
+        batch_per_domain = _checks.check_count(batch_per_domain, "batch_per_domain")
+        _checks.check_learning_rate(lr, "lr")
         base = BASELINES[self.config["baseline"]]
         names = sorted(datasets)
         sizes = {d: len(datasets[d]) for d in names}
@@ -345,8 +366,8 @@ class GuiDG:
         start = 0
         if resume:
             state = checkpoint.load_state(resume)
-            if state.get("stage") != "step2":
-                raise ValueError(f"resume={resume!r} is not a step-2 state (stage {state.get('stage')!r})")
+            start = checkpoint.check_resume_state(
+                state, resume, "step2", steps, ("visual", "attn", "optimizer", "scheduler", "rng", "history"))
             visual.load_state_dict(state["visual"])
             self.attn.load_state_dict(state["attn"])
             optimizer.load_state_dict(state["optimizer"])
@@ -355,7 +376,7 @@ class GuiDG:
                 bma.load_state_dict(state["bma"])
             torch.set_rng_state(state["rng"])
             self.history["step2"] = list(state["history"])
-            start = int(state["step"])
+        guard = checkpoint.LossGuard("step 2", _NAN_CAUSES.format(lr=lr, tau=self.temperature))
         bar = _progress(range(start, steps), progress, "step 2 (fine-tune)")
         visual.train()
         try:
@@ -369,19 +390,26 @@ class GuiDG:
                 scheduler.step()
                 if bma is not None:
                     bma.update()
+                guard.observe(step, loss)
                 value = float(loss.detach())
                 self.history["step2"].append(value)
                 _postfix(bar, value, x.shape[0], time.perf_counter() - t0)
                 if callback:
                     callback("step2", step, value)
-                if checkpoint_dir and checkpoint_every and (step + 1) % checkpoint_every == 0:
+                saving = bool(checkpoint_dir and checkpoint_every and (step + 1) % checkpoint_every == 0)
+                if saving or guard.due(step):
+                    guard.check(step, self.history["step2"])  # never checkpoint a state after a NaN loss
+                if saving:
+                    path = os.path.join(checkpoint_dir, STEP2_STATE)
                     checkpoint.save_state(
-                        os.path.join(checkpoint_dir, "step2_state.pt"),
-                        {"stage": "step2", "step": step + 1, "visual": visual.state_dict(),
+                        path,
+                        {"stage": "step2", "step": step + 1, "total_steps": steps, "visual": visual.state_dict(),
                          "attn": self.attn.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "bma": bma.state_dict() if bma else None,
                          "rng": torch.get_rng_state(), "history": self.history["step2"]},
                     )
+                    guard.checkpoint = path
+            guard.check(steps - 1, self.history["step2"])
         finally:
             visual.eval()
             visual.requires_grad_(False)
@@ -413,6 +441,7 @@ class GuiDG:
     def evaluate(self, datasets: Mapping, batch_size: int = 64) -> dict:
         """Top-1 accuracy (%) per domain: the ensemble, each expert alone, and the mean expert weights."""
         self._check_datasets(datasets, "datasets", need_all_domains=False)
+        batch_size = _checks.check_count(batch_size, "batch_size")
         if self.expert_features is None:
             self.refresh_expert_features()
         T = self.expert_features
@@ -421,6 +450,7 @@ class GuiDG:
             correct, per_expert, weights, batches, total = 0, torch.zeros(len(self.domains)), 0.0, 0, 0
             for start in range(0, len(ds), batch_size):
                 x, y = _stack_items(ds, range(start, min(len(ds), start + batch_size)))
+                _checks.check_dataset_labels(y, len(self.classnames), f"datasets[{name!r}]", offset=start)
                 y = y.to(self.device)
                 f = self.encode_images(x, self.eval_visual)
                 w = self.attn(f, T).mean(dim=0)
@@ -450,23 +480,49 @@ class GuiDG:
             tensors.update({f"model.{k}": v for k, v in self.model.state_dict().items()})
         if self.expert_features is not None:
             tensors["expert_features"] = self.expert_features
-        os.makedirs(directory, exist_ok=True)
-        checkpoint.save_tensors(os.path.join(directory, "weights.safetensors"), tensors)
-        checkpoint.save_json(os.path.join(directory, "config.json"), {"format": "guidg-fast/1", **self.config})
+        # one unit: a temporary folder swapped in whole; the config records the weights' digest
+        weights = checkpoint._safetensors_bytes(tensors, None)
+        config = {"format": "guidg-fast/1", **self.config, "weights_sha256": checkpoint.weights_digest(weights)}
+        checkpoint.write_model_folder(directory, {
+            "weights.safetensors": weights,
+            "config.json": (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
+        })
 
     @classmethod
     def load(cls, directory: str, device: str | torch.device = "cpu", classnames: Sequence[str] | None = None) -> "GuiDG":
-        config = checkpoint.load_json(os.path.join(directory, "config.json"))
+        config_path = os.path.join(directory, "config.json")
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"model folder {str(directory)!r} does not exist or is not a folder")
+        config = checkpoint.load_json(config_path)
         if config.get("format") != "guidg-fast/1":
             raise ValueError(f"{directory!r} is not a guidg-fast checkpoint (format {config.get('format')!r})")
+        digest = config.pop("weights_sha256", None)
+        missing = [k for k in ("arch", "pretrained", "classnames", "domains") if k not in config]
+        if missing:
+            raise ValueError(f"{config_path!r} lacks the entries {missing}: not a complete guidg-fast model config")
+        weights_path = os.path.join(directory, "weights.safetensors")
+        if not os.path.isfile(weights_path):
+            raise FileNotFoundError(f"model folder {str(directory)!r} has no weights.safetensors")
+        with open(weights_path, "rb") as fh:
+            weights = fh.read()
+        if digest is not None and checkpoint.weights_digest(weights) != digest:
+            raise ValueError(
+                f"{weights_path!r} does not match {config_path!r} (weights digest differs): the folder mixes two saves "
+                "or the weights were changed; save the model again"
+            )
         if classnames is not None and list(classnames) != config["classnames"]:
             raise ValueError(
                 f"checkpoint {directory!r} was trained for {len(config['classnames'])} classes "
                 f"{config['classnames'][:5]}..., not the {len(classnames)} classes {list(classnames)[:5]}... given"
             )
         kwargs = {k: v for k, v in config.items() if k not in ("format", "arch", "pretrained", "classnames", "domains")}
-        obj = cls(config["arch"], config["pretrained"], config["classnames"], config["domains"], device=device, **kwargs)
-        tensors = checkpoint.load_tensors(os.path.join(directory, "weights.safetensors"), device=obj.device)
+        try:
+            obj = cls(config["arch"], config["pretrained"], config["classnames"], config["domains"], device=device, **kwargs)
+        except TypeError as exc:  # an unknown or misspelt config entry
+            raise ValueError(f"{config_path!r} does not describe a GuiDG model: {exc}") from exc
+        tensors = checkpoint._read_safetensors(weights_path, "weights file", data=weights, device=obj.device)[0]
+        if "learner.ctx" not in tensors:
+            raise ValueError(f"{weights_path!r} has no 'learner.ctx' entry: not the weights of a guidg-fast model")
         if "model." + next(iter(obj.model.state_dict())) in tensors:
             obj.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         if tensors["learner.ctx"].shape != obj.learner.ctx.shape:
@@ -484,6 +540,12 @@ class GuiDG:
             obj.eval_visual.load_state_dict(visual_state)
             obj.eval_visual.eval()
         if "expert_features" in tensors:
+            expected = (len(obj.domains), len(obj.classnames), int(obj.model.visual.output_dim))
+            if tuple(tensors["expert_features"].shape) != expected:
+                raise ValueError(
+                    f"{weights_path!r} holds expert_features of shape {tuple(tensors['expert_features'].shape)}, "
+                    f"expected {expected} (K experts, C classes, D)"
+                )
             obj.expert_features = tensors["expert_features"]
         return obj
 
