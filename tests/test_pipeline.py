@@ -10,7 +10,9 @@ from PIL import Image, ImageDraw
 import guidg_fast as gf
 from guidg_fast.data import DomainFolder, ImageCacheStore, clip_transform, domain_balanced_batches
 from guidg_fast.data.loaders import STEP2_STREAM, DomainBalancedBatches, EvalFeed, Step2Feed
+from guidg_fast import reference
 from guidg_fast.train import GuiDG
+from conftest import rel_err
 
 CLASSES = ["circle", "square", "triangle"]
 DOMAINS = ["art", "photo"]
@@ -189,35 +191,30 @@ def test_evaluation_after_the_first_pass_opens_no_image_file(jpeg_root, monkeypa
     assert set(phases) == {"data", "compute"} and all(v >= 0 for v in phases.values())
     # with workers and a cache folder: the second trainer reads the memory-mapped file, builds nothing
     monkeypatch.setattr(Image, "open", real_open)
-    results = model.evaluate(datasets, batch_size=5, workers=2, image_cache=str(jpeg_root.parent / "cache"))
-    other = _trainer()
-    other.eval_visual, other.attn, other.expert_features = model.eval_visual, model.attn, model.expert_features
-    store = other.image_cache(str(jpeg_root.parent / "cache"))
-    assert not any(store.get(ds, 0).built for ds in datasets.values())
-    assert other.evaluate(datasets, batch_size=5, workers=2, image_cache=str(jpeg_root.parent / "cache")) == results == first
+    cache = str(jpeg_root.parent / "cache")
+    assert model.evaluate(datasets, batch_size=5, workers=2, image_cache=cache) == first
+    model._image_stores.clear()  # as a new process: the caches come from the memory-mapped files
+    assert not any(model.image_cache(cache).get(ds, 0).built for ds in datasets.values())
+    assert model.evaluate(datasets, batch_size=5, workers=2, image_cache=cache) == first
 
 
 def test_step2_resume_with_workers_equals_uninterrupted(jpeg_root, tmp_path):
     datasets = _folders(jpeg_root, clip_transform(SIZE, randaugment=True))
 
-    def run(**kw):
+    def run(workers=2, **kw):
         m = _trainer()
         m.refresh_expert_features()
-        m.finetune(datasets, iterations=4, batch_per_domain=2, lr=1e-3, workers=2, **kw)
+        m.finetune(datasets, iterations=4, batch_per_domain=2, lr=1e-3, workers=workers, **kw)
         return m
 
-    full = run()
+    phases = {}
+    full = run(workers=0, phase_times=phases)  # in process: also the reference for the worker runs
+    assert set(phases) == {"data", "encoder", "guidance", "optimizer", "bma"} and all(v > 0 for v in phases.values())
     run(checkpoint_dir=str(tmp_path), checkpoint_every=2)
     resumed = run(resume=str(tmp_path / "step2_state.pt"))
     assert full.history["step2"] == resumed.history["step2"]
     for (k, a), b in zip(full.eval_visual.state_dict().items(), resumed.eval_visual.state_dict().values()):
         assert torch.equal(a, b), k
-    m = _trainer()
-    m.refresh_expert_features()
-    phases = {}
-    m.finetune(datasets, iterations=4, batch_per_domain=2, lr=1e-3, workers=0, phase_times=phases)
-    assert m.history["step2"] == full.history["step2"]  # workers=0: the same run
-    assert set(phases) == {"data", "encoder", "guidance", "optimizer", "bma"} and all(v > 0 for v in phases.values())
 
 
 def test_pinned_memory_only_with_cuda(jpeg_root):
@@ -244,3 +241,91 @@ def test_bad_pipeline_arguments(jpeg_root):
         model.finetune(datasets, iterations=1, compile="yes")
     with pytest.raises(ValueError, match="phase_times"):
         model.finetune(datasets, iterations=1, phase_times=[])
+
+
+class _ShiftedImages(torch.utils.data.Dataset):
+    """Tensor images whose mean encodes the class: no files, the uncached worker path."""
+
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.y = torch.randint(0, len(CLASSES), (n,), generator=g)
+        self.x = 0.3 * torch.randn(n, 3, SIZE, SIZE, generator=g) + self.y.view(-1, 1, 1, 1).float()
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def _run(steps=5, **kw):
+    m = _trainer(precision=kw.pop("precision", None))
+    data = {d: _ShiftedImages(8, i) for i, d in enumerate(DOMAINS)}
+    m.fit_experts(data, iterations=steps, batch_size=4, lr=5e-2, workers=0, **kw)
+    m.finetune(data, iterations=steps, batch_per_domain=3, lr=1e-3, workers=0, **kw)
+    return m
+
+
+def test_compiled_steps_equal_eager():
+    # aot_eager: dynamo + AOT autograd trace the same graphs (fixed shapes, the custom ops' fake
+    # and autograd registrations, the optimizer step) that inductor / CUDA graphs compile, without
+    # a minute of C++ codegen for a ViT on a 2-core machine (the per-op tests compile with inductor)
+    torch._dynamo.reset()
+    eager = _run()
+    compiled = _run(compile={"backend": "aot_eager"})
+    torch._dynamo.reset()
+    for stage in ("step1", "step2"):
+        err = rel_err(torch.tensor(compiled.history[stage]), torch.tensor(eager.history[stage]))
+        assert err < 1e-5, f"{stage} losses: relative error {err:.2e}"
+    assert rel_err(compiled.learner.ctx, eager.learner.ctx) < 1e-5
+    # weights: AdamW moves each entry by about lr per step whatever its gradient's size, so entries
+    # whose gradient is rounding noise (e.g. the attention key bias: exactly zero by shift
+    # invariance) may move differently; bound the difference by 5% of the largest possible move
+    max_move = 5 * 1e-3
+    for (k, a), b in zip(eager.eval_visual.state_dict().items(), compiled.eval_visual.state_dict().values()):
+        diff = float((a - b).abs().max())
+        assert diff <= 0.05 * max_move, f"{k}: differs by {diff:.2e}"
+
+
+def test_compile_modes():
+    from guidg_fast.train.steps import compile_options
+
+    assert compile_options(True, torch.device("cuda")) == {"mode": "reduce-overhead"}  # CUDA graphs
+    assert compile_options(True, torch.device("cpu")) == {}
+    assert compile_options(False, torch.device("cuda")) is None
+
+
+def test_bf16_error_is_within_3x_of_eager_bf16():
+    from guidg_fast.train.guidg import BASELINES
+
+    g = _trainer(precision="fp32", weight_mode="batch")
+    g.refresh_expert_features()
+    visual = g.model.visual
+    visual.requires_grad_(True)
+    params = list(visual.parameters()) + list(g.attn.parameters())
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 3, SIZE, SIZE, generator=gen)
+    y = torch.randint(0, len(CLASSES), (9,), generator=gen)
+
+    def grads(loss_fn):
+        loss = loss_fn()
+        return [loss.detach()] + list(torch.autograd.grad(loss, params, allow_unused=True))
+
+    def eager_loss():  # the same computation through the reference ops
+        base, T = BASELINES[g.config["baseline"]], g.expert_features
+        f = g.encode_images(x)
+        w = reference.cross_modal_attention(f.detach(), T, *g.attn.stacked_parameters(), metric=g.attn.metric)
+        return reference.multi_expert_loss(f, T, y, w.mean(dim=0), g.temperature, margin=base["margin"],
+                                           entropy_weight=base["entropy_weight"])
+
+    want = grads(lambda: g.step2_loss(x, y)[0])
+    g.precision = "bf16"  # CPU autocast bf16; weights stay fp32
+    fast = grads(lambda: g.step2_loss(x, y)[0])
+    eager = grads(eager_loss)
+    assert all(p.dtype == torch.float32 for p in params)
+    for i, (w_, f_, e_) in enumerate(zip(want, fast, eager)):
+        if w_ is None:
+            continue
+        fast_err, eager_err = rel_err(f_, w_), rel_err(e_, w_)
+        assert eager_err > 0 or fast_err == 0, f"entry {i}: bf16 autocast did not change anything"
+        assert fast_err <= 3 * eager_err + 1e-6, f"entry {i}: bf16 error {fast_err:.2e} vs eager bf16 {eager_err:.2e}"
