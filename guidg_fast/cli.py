@@ -173,8 +173,13 @@ def _new_model(args, split):
     return GuiDG(
         args.arch, args.pretrained, split.classnames, split.source_domains, device=args.device, n_ctx=args.n_ctx,
         class_token_position=args.position, class_specific=args.csc, baseline=args.baseline,
-        weight_mode=args.weight_mode, seed=args.seed,
+        weight_mode=args.weight_mode, seed=args.seed, precision=args.precision,
     )
+
+
+def _pipeline(args) -> dict:
+    """The input-pipeline options every training / evaluation call takes."""
+    return {"workers": args.workers, "image_cache": args.image_cache}
 
 
 def _report(run, results: dict, split) -> None:
@@ -212,7 +217,7 @@ def cmd_train_experts(args) -> int:
         checkpoint_dir=run.path, checkpoint_every=args.checkpoint_every, resume=args.resume, progress=True,
         callback=_callback(run, args.log_every), views=args.views,
         transform=clip_transform(args.image_size, train=True) if args.views > 1 else None,
-        cache_dir=args.feature_cache,
+        cache_dir=args.feature_cache, workers=args.workers, compile=args.compile,
     )
     model.save(os.path.join(run.path, "model"))
     run.metrics.update({"step1_loss": losses, "model": os.path.join(run.path, "model")})
@@ -227,14 +232,14 @@ def cmd_finetune(args) -> int:
 
     run = _RunDir(args.out, "finetune")
     split = _load_split(args)
-    model = GuiDG.load(args.model, device=args.device, classnames=split.classnames)
+    model = GuiDG.load(args.model, device=args.device, classnames=split.classnames, precision=args.precision)
     losses = model.finetune(
         split.step2, iterations=args.iterations, epochs=args.epochs, batch_per_domain=args.batch_per_domain,
         lr=args.lr, checkpoint_dir=run.path, checkpoint_every=args.checkpoint_every, resume=args.resume,
-        progress=True, callback=_callback(run, args.log_every),
+        progress=True, callback=_callback(run, args.log_every), compile=args.compile, **_pipeline(args),
     )
     model.save(os.path.join(run.path, "model"))
-    results = model.evaluate(split.test)
+    results = model.evaluate(split.test, **_pipeline(args))
     _report(run, results, split)
     run.metrics.update({"step2_loss": losses, "accuracy": results, "model": os.path.join(run.path, "model")})
     run.print(f"saved {os.path.join(run.path, 'model')}; metrics {run.save_metrics()}")
@@ -246,11 +251,11 @@ def cmd_evaluate(args) -> int:
 
     run = _RunDir(args.out, "evaluate")
     split = _load_split(args)
-    model = GuiDG.load(args.model, device=args.device, classnames=split.classnames)
+    model = GuiDG.load(args.model, device=args.device, classnames=split.classnames, precision=args.precision)
     datasets = dict(split.test)
     if args.with_sources:
         datasets.update(split.step2)
-    results = model.evaluate(datasets)
+    results = model.evaluate(datasets, **_pipeline(args))
     _report(run, results, split)
     run.metrics["accuracy"] = results
     run.print(f"metrics {run.save_metrics()}")
@@ -276,19 +281,19 @@ def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     model.fit_experts(
         split.step1, iterations=args.step1_iterations, batch_size=args.batch_size, lr=args.step1_lr, progress=True,
-        callback=_callback(run, args.log_every),
+        callback=_callback(run, args.log_every), workers=args.workers, compile=args.compile,
     )
     run.print(f"step 1 done in {time.perf_counter() - t0:.1f} s: loss {model.history['step1'][0]:.3f} -> "
               f"{model.history['step1'][-1]:.3f}")
     t0 = time.perf_counter()
     model.finetune(
         split.step2, iterations=args.step2_iterations, batch_per_domain=args.batch_per_domain, lr=args.step2_lr,
-        progress=True, callback=_callback(run, args.log_every),
+        progress=True, callback=_callback(run, args.log_every), compile=args.compile, **_pipeline(args),
     )
     run.print(f"step 2 done in {time.perf_counter() - t0:.1f} s: loss {model.history['step2'][0]:.3f} -> "
               f"{model.history['step2'][-1]:.3f}")
     eval_sets = {**split.test, **split.step2} if args.with_sources else dict(split.test)
-    results = model.evaluate(eval_sets)
+    results = model.evaluate(eval_sets, **_pipeline(args))
     run.print(f"\ntop-1 accuracy (%), chance = {100.0 / len(split.classnames):.1f}:")
     _report(run, results, split)
     run.print("\nspeed on the same work, measured now (median of a few iterations):")
@@ -315,6 +320,7 @@ def cmd_bench(args) -> int:
 
 def _add_common(p, *, demo: bool = False) -> None:
     from .backbone import TINY_ARCH
+    from .data.workers import default_workers
 
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic",
@@ -351,6 +357,17 @@ def _add_common(p, *, demo: bool = False) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of splits, init and batches (default: 0)")
     g.add_argument("--out", default=None, help="run folder (default: runs/<command>-<time>)")
     g.add_argument("--log-every", type=int, default=1, help="write the loss to log.txt every N steps (default: 1)")
+    g.add_argument("--precision", default=None, choices=["bf16", "fp32"],
+                   help="encoder compute precision; weights stay fp32 (default: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--compile", action="store_true",
+                   help="training iterations under torch.compile (CUDA graphs on CUDA) (default: eager)")
+    g = p.add_argument_group("input pipeline")
+    g.add_argument("--workers", type=int, default=default_workers(),
+                   help=f"data worker processes; 0 = in the training process (default: cores - 1, 1 to 8; "
+                        f"here {default_workers()})")
+    g.add_argument("--image-cache", default=None, metavar="DIR",
+                   help="keep decoded, resized images as memory-mapped uint8 files in DIR, reused while files and "
+                        "transform are unchanged (default: none, in memory)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -561,10 +561,11 @@ def test_domain_balanced_batches():
         assert torch.equal(y, x[:, 1].long() % 3)
         for k in range(3):
             seen[k].extend(x[d == k, 1].long().tolist())
-    # every sample once per epoch of its domain (domain "b" reshuffles every 3 draws)
-    assert sorted(seen[0][:10]) == list(range(10)) and sorted(seen[0][10:20]) == list(range(10))
-    for e in range(6):
-        assert sorted(seen[1][3 * e: 3 * e + 3]) == [0, 1, 2]
+    # the trainer's epochs (epoch_batch_indices): an epoch of a domain is ceil(n / 4) batches whose
+    # first n draws are a permutation; its last batch wraps around to stay full
+    assert sorted(seen[0][:10]) == list(range(10)) and len(set(seen[0][12:20])) == 8
+    for e in range(5):  # domain "b" (3 samples): one epoch per batch
+        assert sorted(seen[1][4 * e: 4 * e + 3]) == [0, 1, 2]
     assert len(set(seen[2])) == 20
     again = domain_balanced_batches(datasets, batch_per_domain=4, seed=0)
     assert all(torch.equal(b[0], next(again)[0]) for b in batches)

@@ -4,7 +4,9 @@ No DomainBed or Dassl dependency; folders are read with PIL, splits are seeded w
 """
 from .folders import DOMAINBED_DATASETS, IMAGE_EXTENSIONS, CorruptImageError, DomainFolder, check_same_classes, load_domainbed
 from .imagenet_dg import IMAGENET_DG_FULL, build_imagenet_dg, read_classnames
+from .image_cache import ImageCacheStore
 from .loaders import domain_balanced_batches
+from .workers import default_workers
 from .splits import DGSplit, DomainSubset, few_shot_split, multi_source_split, split_indices, with_transform
 from .synthetic import SHAPE_CLASSES, SyntheticDomains
 from .transforms import CLIP_MEAN, CLIP_STD, clip_transform
@@ -20,10 +22,12 @@ __all__ = [
     "DGSplit",
     "DomainFolder",
     "DomainSubset",
+    "ImageCacheStore",
     "SyntheticDomains",
     "build_imagenet_dg",
     "check_same_classes",
     "clip_transform",
+    "default_workers",
     "domain_balanced_batches",
     "few_shot_split",
     "load_domainbed",

@@ -31,6 +31,9 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from ..data.workers import check_workers, make_loader
 
 FORMAT_VERSION = "1"
 
@@ -113,6 +116,8 @@ class ImageFeatureCache:
     path: optional safetensors file; reused when its key matches, rebuilt atomically otherwise.
     device: where the encoder runs (default: the model's device); features are kept on
         ``store_device`` (default: the same device).
+    workers: processes that load and transform the images (None: ``default_workers()``; 0: this
+        process). A view's augmentation is seeded per item, so the features do not depend on it.
     """
 
     def __init__(
@@ -130,6 +135,7 @@ class ImageFeatureCache:
         dataset_key: str | None = None,
         transform_key: str | None = None,
         dtype: torch.dtype = torch.float32,
+        workers: int | None = None,
     ):
         if not hasattr(model, "encode_image"):
             raise ValueError(f"model must be a CLIP model with encode_image, got {type(model).__name__}")
@@ -155,6 +161,7 @@ class ImageFeatureCache:
         self.dataset_key = dataset_key
         self.transform_key = transform_key
         self.dtype = dtype
+        self.workers = check_workers(workers)
         self.features: torch.Tensor | None = None  # (views, N, D), L2-normalised
         self.labels: torch.Tensor | None = None  # (N,) int64
         self.key: str | None = None
@@ -253,19 +260,7 @@ class ImageFeatureCache:
             raise
 
     def _view_item(self, index: int, view: int):
-        image, label = _split_item(self.dataset[index])
-        if self.transform is not None:
-            # every (seed, view, item) draws its own augmentation, whatever the batching
-            seed = (self.seed * 1_000_003 + view) * 1_000_000_007 + index
-            state = random.getstate()
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed % (2**63))
-                random.seed(seed)
-                image = self.transform(image)
-            random.setstate(state)
-        if not isinstance(image, torch.Tensor):
-            raise ValueError(f"dataset item {index} gives a {type(image).__name__} image: pass a transform that makes a tensor")
-        return image, int(label)
+        return _view_item(self.dataset, self.transform, self.seed, index, view)
 
     @torch.no_grad()
     def _encode_all(self):
@@ -275,18 +270,17 @@ class ImageFeatureCache:
         N = len(self.dataset)
         features = None
         labels = torch.empty(N, dtype=torch.int64)
+        items = _ViewBatches(self.dataset, self.transform, self.seed, self.views, self.batch_size)
+        pin = self.device.type == "cuda" and torch.cuda.is_available()
         try:
-            for view in range(self.views):
-                for start in range(0, N, self.batch_size):
-                    idx = range(start, min(N, start + self.batch_size))
-                    items = [self._view_item(i, view) for i in idx]
-                    images = torch.stack([im for im, _ in items]).to(self.device)
-                    if view == 0:
-                        labels[start : start + len(items)] = torch.tensor([y for _, y in items])
-                    f = F.normalize(model.encode_image(images).float(), dim=-1).to(self.dtype)
-                    if features is None:
-                        features = torch.empty((self.views, N, f.shape[-1]), dtype=self.dtype, device=self.store_device)
-                    features[view, start : start + len(items)] = f.to(self.store_device)
+            for view, start, images, y in make_loader(items, range(len(items)), self.workers, pin_memory=pin):
+                images = images.to(self.device, non_blocking=True)
+                if view == 0:
+                    labels[start : start + y.shape[0]] = y
+                f = F.normalize(model.encode_image(images).float(), dim=-1).to(self.dtype)
+                if features is None:
+                    features = torch.empty((self.views, N, f.shape[-1]), dtype=self.dtype, device=self.store_device)
+                features[view, start : start + y.shape[0]] = f.to(self.store_device)
         finally:
             model.train(was_training)
         return features, labels.to(self.store_device)
@@ -322,3 +316,39 @@ class ImageFeatureCache:
         if device is not None:
             f, y = f.to(device), y.to(device)
         return f, y
+
+
+def _view_item(dataset, transform, seed: int, index: int, view: int):
+    image, label = _split_item(dataset[index])
+    if transform is not None:
+        # every (seed, view, item) draws its own augmentation, whatever the batching or worker
+        item_seed = (seed * 1_000_003 + view) * 1_000_000_007 + index
+        state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(item_seed % (2**63))
+            random.seed(item_seed)
+            image = transform(image)
+        random.setstate(state)
+    if not isinstance(image, torch.Tensor):
+        raise ValueError(f"dataset item {index} gives a {type(image).__name__} image: pass a transform that makes a tensor")
+    return image, int(label)
+
+
+class _ViewBatches(Dataset):
+    """Item j: (view, start, images, labels) of batch j of all views, view-major (built in a worker)."""
+
+    def __init__(self, dataset, transform, seed: int, views: int, batch_size: int):
+        self.dataset, self.transform, self.seed, self.batch_size = dataset, transform, seed, batch_size
+        self.per_view = -(-len(dataset) // batch_size)
+        self.views = views
+
+    def __len__(self) -> int:
+        return self.views * self.per_view
+
+    def __getitem__(self, j: int):
+        view, b = divmod(j, self.per_view)
+        start = b * self.batch_size
+        items = [_view_item(self.dataset, self.transform, self.seed, i, view)
+                 for i in range(start, min(len(self.dataset), start + self.batch_size))]
+        images = torch.stack([im for im, _ in items])
+        return view, start, images, torch.tensor([y for _, y in items], dtype=torch.int64)

@@ -18,10 +18,14 @@ from .. import _checks, ops, reference
 from ..attention import CrossModalAttention
 from ..averaging import BetaMovingAverage, wise_ft
 from ..backbone import load_clip
+from ..data.image_cache import ImageCacheStore
+from ..data.loaders import EvalFeed, Step2Feed, epoch_batch_indices
+from ..data.workers import check_workers
 from ..prompts import ExpertPromptLearner
 from ..text import encode_expert_prompts
 from . import checkpoint
 from .feature_cache import ImageFeatureCache
+from .steps import EVAL_PHASES, STEP2_PHASES, PhaseTimer, Step1Iteration, Step2Iteration, check_precision, compile_options
 
 BASELINES = {
     # margin: CLIPood margin metric softmax; entropy_weight: UEO term; bma: beta moving average of the
@@ -37,41 +41,11 @@ _NAN_CAUSES = ("NaN or Inf values in the input images, a learning rate too large
                "temperature (logit scale {tau:g}) so large that the logits overflow")
 
 
-def _seeded_generator(*parts: int) -> torch.Generator:
-    seed = 0
-    for p in parts:
-        seed = (seed * 1_000_003 + int(p)) % (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
-
-
-def epoch_batch_indices(n: int, batch: int, step: int, seed: int, stream: int) -> torch.Tensor:
-    """Indices of batch ``step`` from a dataset of n items, reshuffled each epoch.
-
-    A pure function of (seed, stream, step): training can resume at any step and see the same batches.
-    """
-    per_epoch = max(1, math.ceil(n / batch))
-    epoch, pos = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=_seeded_generator(seed, stream, epoch))
-    idx = perm[pos * batch : (pos + 1) * batch]
-    if idx.numel() < batch:  # the last batch of an epoch wraps around to stay full
-        idx = torch.cat([idx, perm[: batch - idx.numel()]])
-    return idx
-
-
 def _classnames_of(dataset) -> list | None:
     names = getattr(dataset, "classnames", None)
     if names is None and hasattr(dataset, "dataset"):  # torch Subset
         names = getattr(dataset.dataset, "classnames", None)
     return list(names) if names is not None else None
-
-
-def _stack_items(dataset, indices) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = [], []
-    for i in indices.tolist() if isinstance(indices, torch.Tensor) else indices:
-        x, y = dataset[i]
-        images.append(x)
-        labels.append(int(y))
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
 
 class GuiDG:
@@ -94,6 +68,7 @@ class GuiDG:
         baseline: str = "clipood",
         weight_mode: str = "batch",
         seed: int = 0,
+        precision: str | None = None,
     ):
         if not classnames:
             raise ValueError("classnames must be a non-empty list of class names")
@@ -121,6 +96,8 @@ class GuiDG:
             "seed": seed,
         }
         self.device = torch.device(device)
+        # a run-time choice, not part of the saved config: a model trained in bf16 on a GPU loads in fp32 on a CPU
+        self.precision = check_precision(precision, self.device)
         torch.manual_seed(seed)
         self.model, self.preprocess, self.tokenizer = load_clip(arch, pretrained, self.device)
         self.model.requires_grad_(False)
@@ -135,6 +112,7 @@ class GuiDG:
         self.eval_visual = self.model.visual  # replaced by the BMA / WiSE-FT encoder after step 2
         self.expert_features: torch.Tensor | None = None
         self.history: dict = {"step1": [], "step2": []}
+        self._image_stores: dict = {}  # cache folder (None: memory) -> ImageCacheStore
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -163,9 +141,18 @@ class GuiDG:
                 )
 
     def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        # bf16 autocast: parameters (and so the optimizer's master weights) stay fp32
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def image_cache(self, folder: str | None = None) -> ImageCacheStore:
+        """The uint8 image caches of this trainer: in memory (folder None) or memory-mapped files in
+        ``folder``; kept for the trainer's life, so later passes over the same files decode nothing."""
+        key = None if folder is None else os.path.abspath(os.fspath(folder))
+        if key not in self._image_stores:
+            self._image_stores[key] = ImageCacheStore(key)
+        return self._image_stores[key]
 
     def encode_images(self, images: torch.Tensor, visual=None) -> torch.Tensor:
         visual = visual if visual is not None else self.model.visual
@@ -174,11 +161,12 @@ class GuiDG:
         return F.normalize(f.float(), dim=-1)
 
     @torch.no_grad()
-    def dataset_features(self, dataset, batch_size: int = 64, visual=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def dataset_features(self, dataset, batch_size: int = 64, visual=None, *, workers: int | None = None,
+                         image_cache: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen-encoder features of every image of ``dataset`` (one view) and the labels."""
         feats, labels = [], []
-        for start in range(0, len(dataset), batch_size):
-            x, y = _stack_items(dataset, range(start, min(len(dataset), start + batch_size)))
+        feed = EvalFeed([dataset], batch_size, self.device, workers=workers, store=self.image_cache(image_cache))
+        for _, x, y in feed:
             feats.append(self.encode_images(x, visual))
             labels.append(y)
         return torch.cat(feats), torch.cat(labels).to(self.device)
@@ -201,6 +189,8 @@ class GuiDG:
         views: int = 1,
         transform: Callable | None = None,
         cache_dir: str | None = None,
+        workers: int | None = None,
+        compile: bool | dict = False,
     ) -> list:
         """Step 1: all K experts in one run (official: SGD lr 1e-4, cosine schedule, batch 32).
 
@@ -212,6 +202,10 @@ class GuiDG:
         augmented copies of every image; epoch e of a domain uses view e % views. ``cache_dir`` keeps
         the features in safetensors files there (one per domain), reused while the encoder weights,
         the images and the transform are unchanged (see ``ImageFeatureCache``).
+
+        ``workers``: data worker processes for the feature pass (None: ``default_workers()``; 0: in
+        this process). ``compile``: the iteration (text pass, logits, loss, SGD) under torch.compile
+        (True: "reduce-overhead" on CUDA, the default mode on CPU; a dict: torch.compile options).
         """
         self._check_datasets(datasets, "datasets", need_all_domains=True)
         if isinstance(views, bool) or not isinstance(views, int) or views < 1:
@@ -220,6 +214,8 @@ class GuiDG:
             raise ValueError("views > 1 needs a random transform (every view would be the same image)")
         batch_size = _checks.check_count(batch_size, "batch_size")
         _checks.check_learning_rate(lr, "lr")
+        workers = check_workers(workers)
+        options = compile_options(compile, self.device)
         sizes = {d: len(datasets[d]) for d in self.domains}
         caches = None
         if views > 1 or transform is not None or cache_dir is not None:
@@ -227,12 +223,13 @@ class GuiDG:
                 d: ImageFeatureCache(
                     self.model, datasets[d], transform=transform, views=views, seed=self.config["seed"] + k,
                     path=os.path.join(cache_dir, f"step1_features_{k}.safetensors") if cache_dir else None,
+                    workers=workers,
                 ).load_or_build()
                 for k, d in enumerate(self.domains)
             }
             cached = None
         else:
-            cached = {d: self.dataset_features(datasets[d]) for d in self.domains}
+            cached = {d: self.dataset_features(datasets[d], workers=workers) for d in self.domains}
         for d in self.domains:
             _checks.check_dataset_labels(cached[d][1] if caches is None else caches[d].labels, len(self.classnames),
                                          f"datasets[{d!r}]")
@@ -256,26 +253,21 @@ class GuiDG:
         guard = checkpoint.LossGuard("step 1", _NAN_CAUSES.format(lr=lr, tau=self.temperature))
         bar = _progress(range(start, steps), progress, "step 1 (experts)")
         seed = self.config["seed"]
+        iteration = Step1Iteration(self._step1_loss, optimizer, scheduler, options)
         for step in bar:
             t0 = time.perf_counter()
-            T = encode_expert_prompts(self.model, self.learner)
-            loss = T.new_zeros(())
+            batches = []
             for k, d in enumerate(self.domains):
                 idx = epoch_batch_indices(sizes[d], batch_size, step, seed, stream=k).to(self.device)
                 if caches is None:
                     feats, labels = cached[d]
-                    feats, labels = feats[idx], labels[idx]
+                    batches.append((feats[idx], labels[idx]))
                 else:
                     epoch = step // max(1, math.ceil(sizes[d] / batch_size))
-                    feats, labels = caches[d].get(idx, caches[d].view_for_epoch(epoch), device=self.device)
-                logits = self.temperature * feats @ T[k].t()
-                loss = loss + F.cross_entropy(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+                    batches.append(caches[d].get(idx, caches[d].view_for_epoch(epoch), device=self.device))
+            loss = iteration(batches)
             guard.observe(step, loss)
-            value = float(loss.detach()) / len(self.domains)
+            value = float(loss) / len(self.domains)
             self.history["step1"].append(value)
             _postfix(bar, value, len(self.domains) * batch_size, time.perf_counter() - t0)
             if callback:
@@ -296,6 +288,14 @@ class GuiDG:
         self.refresh_expert_features()
         return self.history["step1"]
 
+    def _step1_loss(self, batches) -> torch.Tensor:
+        """Sum over experts of the cross entropy of expert k's logits on domain k's cached features."""
+        T = encode_expert_prompts(self.model, self.learner)
+        loss = T.new_zeros(())
+        for k, (feats, labels) in enumerate(batches):
+            loss = loss + F.cross_entropy(self.temperature * feats @ T[k].t(), labels)
+        return loss
+
     @torch.no_grad()
     def refresh_expert_features(self) -> torch.Tensor:
         """Freezes the experts: T (K, C, D) used by step 2 and evaluation."""
@@ -303,20 +303,14 @@ class GuiDG:
         return self.expert_features
 
     # ------------------------------------------------------------------ step 2
-    def _step2_batch(self, datasets: Mapping, names: list, sizes: dict, batch_per_domain: int, step: int):
-        xs, ys = [], []
-        for j, d in enumerate(names):
-            idx = epoch_batch_indices(sizes[d], batch_per_domain, step, self.config["seed"], stream=1000 + j)
-            x, y = _stack_items(datasets[d], idx)
-            xs.append(x)
-            ys.append(y)
-        return torch.cat(xs).to(self.device), torch.cat(ys).to(self.device)
-
     def step2_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The guided loss of one batch and the expert weights used (all through guidg_fast.ops)."""
         base = BASELINES[self.config["baseline"]]
+        return self._guidance_loss(self.encode_images(x), y)
+
+    def _guidance_loss(self, f: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        base = BASELINES[self.config["baseline"]]
         T = self.expert_features
-        f = self.encode_images(x)
         # CMAttn weights (f and T detached inside, as the official code does), their batch mean in
         # batch mode, and the multi-expert loss: one op (one autograd node with the CPU extension)
         return ops.guidance_loss(
@@ -342,9 +336,20 @@ class GuiDG:
         resume: str | None = None,
         progress: bool = False,
         callback: Callable | None = None,
+        workers: int | None = None,
+        compile: bool | dict = False,
+        phase_times: dict | None = None,
+        image_cache: str | None = None,
     ) -> list:
         """Step 2: fine-tune the vision encoder under the experts' guidance (AdamW + cosine, domain-balanced
         batches of ``batch_per_domain`` images from every source domain, BMA for clipood, WiSE-FT for erm/ueo).
+
+        Input: ``workers`` processes (None: ``default_workers()``) build each step's batch; datasets
+        with a cacheable transform (``clip_transform``) are decoded and resized once into a uint8
+        cache (memory, or memory-mapped files in the folder ``image_cache``) and RandAugment runs on
+        uint8 batches (on the GPU on CUDA). Batches and augmentations depend only on (seed, step).
+        ``compile``: the iteration under torch.compile (see ``fit_experts``). ``phase_times``: a dict
+        that receives seconds per phase (data, encoder, guidance, optimizer, bma).
         """
         self._check_datasets(datasets, "datasets", need_all_domains=False)
         if self.expert_features is None:
@@ -352,8 +357,10 @@ class GuiDG:
         batch_per_domain = _checks.check_count(batch_per_domain, "batch_per_domain")
         _checks.check_learning_rate(lr, "lr")
         base = BASELINES[self.config["baseline"]]
+        workers = check_workers(workers)
+        options = compile_options(compile, self.device)
+        timer = PhaseTimer(phase_times, self.device, STEP2_PHASES)
         names = sorted(datasets)
-        sizes = {d: len(datasets[d]) for d in names}
         steps = iterations if iterations is not None else epochs * iters_per_epoch
         if steps < 1:
             raise ValueError(f"iterations must be >= 1, got {steps}")
@@ -377,21 +384,19 @@ class GuiDG:
             torch.set_rng_state(state["rng"])
             self.history["step2"] = list(state["history"])
         guard = checkpoint.LossGuard("step 2", _NAN_CAUSES.format(lr=lr, tau=self.temperature))
+        feed = Step2Feed([datasets[d] for d in names], batch_per_domain, self.config["seed"], self.device,
+                         start=start, stop=steps, workers=workers, store=self.image_cache(image_cache))
+        iteration = Step2Iteration(self.encode_images, self._guidance_loss, optimizer, scheduler, bma, options)
         bar = _progress(range(start, steps), progress, "step 2 (fine-tune)")
         visual.train()
         try:
+            batches = timer.time_iter(feed)
             for step in bar:
                 t0 = time.perf_counter()
-                x, y = self._step2_batch(datasets, names, sizes, batch_per_domain, step)
-                loss, w = self.step2_loss(x, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                if bma is not None:
-                    bma.update()
+                x, y = next(batches)
+                loss = iteration(x, y, timer)
                 guard.observe(step, loss)
-                value = float(loss.detach())
+                value = float(loss)
                 self.history["step2"].append(value)
                 _postfix(bar, value, x.shape[0], time.perf_counter() - t0)
                 if callback:
@@ -438,29 +443,44 @@ class GuiDG:
         return ops.ensemble_logits(f, self.expert_features, w, self.temperature), w
 
     @torch.no_grad()
-    def evaluate(self, datasets: Mapping, batch_size: int = 64) -> dict:
-        """Top-1 accuracy (%) per domain: the ensemble, each expert alone, and the mean expert weights."""
+    def evaluate(self, datasets: Mapping, batch_size: int = 64, *, workers: int | None = None,
+                 phase_times: dict | None = None, image_cache: str | None = None) -> dict:
+        """Top-1 accuracy (%) per domain: the ensemble, each expert alone, and the mean expert weights.
+
+        ``workers``, ``image_cache``: as in ``finetune`` (evaluation transforms are wholly
+        deterministic: after the first pass over a dataset no image file is read again).
+        ``phase_times``: a dict that receives seconds per phase (data, compute).
+        """
         self._check_datasets(datasets, "datasets", need_all_domains=False)
         batch_size = _checks.check_count(batch_size, "batch_size")
         if self.expert_features is None:
             self.refresh_expert_features()
         T = self.expert_features
-        results = {}
-        for name, ds in datasets.items():
-            correct, per_expert, weights, batches, total = 0, torch.zeros(len(self.domains)), 0.0, 0, 0
-            for start in range(0, len(ds), batch_size):
-                x, y = _stack_items(ds, range(start, min(len(ds), start + batch_size)))
-                _checks.check_dataset_labels(y, len(self.classnames), f"datasets[{name!r}]", offset=start)
-                y = y.to(self.device)
+        timer = PhaseTimer(phase_times, self.device, EVAL_PHASES)
+        names = list(datasets)
+        K = len(self.domains)
+        tallies = {n: {"correct": 0, "experts": torch.zeros(K), "weights": torch.zeros(K), "batches": 0, "total": 0}
+                   for n in names}
+        feed = EvalFeed([datasets[n] for n in names], batch_size, self.device, workers=workers,
+                        store=self.image_cache(image_cache))
+        for k_ds, x, y in timer.time_iter(feed):
+            with timer("compute"):
+                tally = tallies[names[k_ds]]
+                _checks.check_dataset_labels(y, len(self.classnames), f"datasets[{names[k_ds]!r}]",
+                                             offset=tally["total"])
                 f = self.encode_images(x, self.eval_visual)
                 w = self.attn(f, T).mean(dim=0)
                 logits = ops.ensemble_logits(f, T, w, self.temperature)
-                correct += int((logits.argmax(-1) == y).sum())
-                for k in range(len(self.domains)):
-                    per_expert[k] += int(((f @ T[k].t()).argmax(-1) == y).sum())
-                weights = weights + w.cpu()
-                batches += 1
-                total += y.numel()
+                tally["correct"] += int((logits.argmax(-1) == y).sum())
+                for k in range(K):
+                    tally["experts"][k] += int(((f @ T[k].t()).argmax(-1) == y).sum())
+                tally["weights"] += w.float().cpu()
+                tally["batches"] += 1
+                tally["total"] += y.numel()
+        results = {}
+        for name in names:
+            t = tallies[name]
+            correct, per_expert, weights, batches, total = t["correct"], t["experts"], t["weights"], t["batches"], t["total"]
             results[name] = {
                 "ensemble": 100.0 * correct / total,
                 "experts": {d: 100.0 * float(per_expert[k]) / total for k, d in enumerate(self.domains)},
@@ -489,7 +509,8 @@ class GuiDG:
         })
 
     @classmethod
-    def load(cls, directory: str, device: str | torch.device = "cpu", classnames: Sequence[str] | None = None) -> "GuiDG":
+    def load(cls, directory: str, device: str | torch.device = "cpu", classnames: Sequence[str] | None = None,
+             precision: str | None = None) -> "GuiDG":
         config_path = os.path.join(directory, "config.json")
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"model folder {str(directory)!r} does not exist or is not a folder")
@@ -517,7 +538,8 @@ class GuiDG:
             )
         kwargs = {k: v for k, v in config.items() if k not in ("format", "arch", "pretrained", "classnames", "domains")}
         try:
-            obj = cls(config["arch"], config["pretrained"], config["classnames"], config["domains"], device=device, **kwargs)
+            obj = cls(config["arch"], config["pretrained"], config["classnames"], config["domains"], device=device,
+                      precision=precision, **kwargs)
         except TypeError as exc:  # an unknown or misspelt config entry
             raise ValueError(f"{config_path!r} does not describe a GuiDG model: {exc}") from exc
         tensors = checkpoint._read_safetensors(weights_path, "weights file", data=weights, device=obj.device)[0]

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from .. import ops, reference
 from ..averaging import BetaMovingAverage
 from ..text import encode_expert_prompts
-from .guidg import GuiDG, _stack_items, epoch_batch_indices
+from ..data.loaders import DomainBalancedBatches, STEP2_STREAM, stack_items
+from .guidg import GuiDG, epoch_batch_indices
 
 
 def _median_time(fn, iterations: int) -> float:
@@ -35,7 +36,7 @@ def step1_speed(trainer: GuiDG, datasets: Mapping, batch_size: int = 32, iterati
     batches = []
     for k, d in enumerate(trainer.domains):
         idx = epoch_batch_indices(len(datasets[d]), batch_size, 0, trainer.config["seed"], stream=k)
-        x, y = _stack_items(datasets[d], idx)
+        x, y = stack_items(datasets[d], idx.tolist(), None)
         batches.append((x.to(trainer.device), y.to(trainer.device)))
     cached = [trainer.encode_images(x) for x, _ in batches]
 
@@ -63,7 +64,11 @@ def step2_speed(trainer: GuiDG, datasets: Mapping, batch_per_domain: int = 12, i
     if trainer.expert_features is None:
         trainer.refresh_expert_features()
     names = sorted(datasets)
-    x, y = trainer._step2_batch(datasets, names, {d: len(datasets[d]) for d in names}, batch_per_domain, 0)
+    parts = [datasets[d] for d in names]
+    batches = DomainBalancedBatches(parts, [trainer.image_cache().get(ds, 0) for ds in parts], batch_per_domain,
+                                    trainer.config["seed"], [STEP2_STREAM + j for j in range(len(parts))])
+    x, y, _ = batches[0]
+    x, y = x.to(trainer.device), y.to(trainer.device)
     visual = trainer.model.visual
     bma = BetaMovingAverage(visual, total_steps=100)
     params = list(visual.parameters())
