@@ -19,6 +19,7 @@ random part to whole batches with torch ops, so it runs the same on CPU and CUDA
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from numbers import Real
 
@@ -47,8 +48,6 @@ RANDAUGMENT_OPS = (
 _SIGNED = torch.tensor([name in {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness",
                                  "Color", "Contrast", "Sharpness"} for name in RANDAUGMENT_OPS])
 _OP_ID = {name: i for i, name in enumerate(RANDAUGMENT_OPS)}
-# Ops 1..5 are adjacent, so after sorting a round by op id they form one slice and share one grid.
-_FIRST_AFFINE, _LAST_AFFINE = _OP_ID["ShearX"], _OP_ID["Rotate"]
 # The affine ops sample a float32 map of flat pixel indices; above 2**24 pixels they are not exact.
 _MAX_PIXELS = 2**24 - 1
 
@@ -172,70 +171,118 @@ def _affine_matrix_for(op_id: int, magnitude: float, height: int, width: int) ->
     return _inverse_affine_matrix((0.0, 0.0), -angle, (0.0, 0.0), (0.0, 0.0))
 
 
-def _affine_source_indices(op_ids: list[int], magnitudes: list[float], height: int, width: int,
-                           device: torch.device) -> torch.Tensor:
-    """(n, H*W) int32: for each sample and output pixel, 1 + the flat index of the source pixel that
-    nearest sampling picks, or 0 where it falls outside the image (the fill)."""
-    unique: dict[tuple[float, ...], int] = {}
-    which = []
-    for op_id, magnitude in zip(op_ids, magnitudes):
-        matrix = _affine_matrix_for(op_id, magnitude, height, width)
-        which.append(unique.setdefault(matrix, len(unique)))
-    theta = torch.tensor(list(unique), dtype=torch.float32, device=device).view(-1, 2, 3)
-    count = theta.shape[0]
-    # The sampling grid as torchvision's _affine_grid builds it (pixel-centred base grid times the
-    # matrix rescaled to [-1, 1]); a batched bmm gives each matrix the same float32 grid as one call each.
+def _source_indices(matrices: list[tuple[float, ...]], height: int, width: int,
+                    device: torch.device) -> torch.Tensor:
+    """(len(matrices), H*W) int32: for each inverse matrix and output pixel, 1 + the flat index of the
+    source pixel nearest sampling picks, or 0 where it falls outside the image (the fill)."""
     base = torch.empty(1, height, width, 3, dtype=torch.float32, device=device)
     base[..., 0].copy_(torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, steps=width, device=device))
     base[..., 1].copy_(torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, steps=height,
                                       device=device).unsqueeze_(-1))
     base[..., 2].fill_(1)
-    rescaled = theta.transpose(1, 2).div_(torch.tensor([0.5 * width, 0.5 * height], dtype=torch.float32,
-                                                      device=device))
-    grid = base.view(1, height * width, 3).expand(count, -1, -1).bmm(rescaled).view(count, height, width, 2)
-    # Sampling a map of pixel numbers with the kernel torchvision samples the image with picks the very
-    # same source pixel (and the same out-of-bounds decision) for one channel's cost; zero padding
+    base = base.view(1, height * width, 3)
+    half_size = torch.tensor([0.5 * width, 0.5 * height], dtype=torch.float32, device=device)
+    # The grid as torchvision's _affine_grid builds it: the pixel-centred base grid times the matrix
+    # rescaled to [-1, 1], one (1, HW, 3) x (1, 3, 2) bmm per matrix, the very call (and shapes) torchvision
+    # makes, so every backend rounds the grid as it does for torchvision. Built once per matrix (cached).
+    grids = []
+    for matrix in matrices:
+        theta = torch.tensor(matrix, dtype=torch.float32, device=device).view(1, 2, 3)
+        grids.append(base.bmm(theta.transpose(1, 2).div_(half_size)))
+    grid = torch.cat(grids).view(len(matrices), height, width, 2)
+    # Sampling a map of pixel numbers with the kernel torchvision samples the image with picks the same
+    # source pixel (and makes the same out-of-bounds decision) for one channel's cost; zero padding
     # marks the fill.
     pixel_numbers = torch.arange(1, height * width + 1, dtype=torch.float32, device=device)
-    pixel_numbers = pixel_numbers.view(1, 1, height, width).expand(count, 1, height, width)
+    pixel_numbers = pixel_numbers.view(1, 1, height, width).expand(len(matrices), 1, height, width)
     sources = F.grid_sample(pixel_numbers, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    sources = sources.view(count, height * width).to(torch.int32)
-    if count == len(which):
-        return sources
-    return sources.index_select(0, torch.tensor(which, device=device))
+    return sources.view(len(matrices), height * width).to(torch.int32)
 
 
-def _affine(x: torch.Tensor, op_ids: list[int], magnitudes: list[float], fill: torch.Tensor) -> torch.Tensor:
+class _SourceIndexCache:
+    """Source-index maps by (device, H, W, matrix). RandAugment at a fixed magnitude uses only 10
+    affine matrices per image size (5 ops x 2 signs), so after the first batches no grid is built."""
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.capacity = capacity
+        self._maps: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def lookup(self, matrices: list[tuple[float, ...]], height: int, width: int,
+               device: torch.device) -> torch.Tensor:
+        keys = [(str(device), height, width, matrix) for matrix in matrices]
+        missing = list(dict.fromkeys(key for key in keys if key not in self._maps))
+        if missing:
+            built = _source_indices([key[3] for key in missing], height, width, device)
+            for key, sources in zip(missing, built):
+                self._maps[key] = sources
+        for key in keys:
+            self._maps.move_to_end(key)
+        rows = [self._maps[key] for key in keys]
+        while len(self._maps) > max(self.capacity, len(set(keys))):
+            self._maps.popitem(last=False)
+        return torch.stack(rows)
+
+
+def _row_starts(count: int, stride: int, device) -> torch.Tensor:
+    return torch.arange(0, count * stride, stride, dtype=torch.int32, device=device)
+
+
+def _warp(x: torch.Tensor, op_ids: list[int], magnitudes: list[float], fill: torch.Tensor,
+          cache: _SourceIndexCache) -> torch.Tensor:
+    """ShearX / ShearY / Rotate: gather every sample's source pixels through its cached index map."""
     n, channels, height, width = x.shape
     pixels = height * width
-    sources = _affine_source_indices(op_ids, magnitudes, height, width, x.device)
+    matrices = [_affine_matrix_for(op_id, m, height, width) for op_id, m in zip(op_ids, magnitudes)]
+    sources = cache.lookup(matrices, height, width, x.device)
     # Each (sample, channel) row gets the fill level in front, so source number 0 reads the fill.
     padded = x.new_empty(n, channels, pixels + 1)
     padded[:, :, 0] = fill
     padded[:, :, 1:] = x.view(n, channels, pixels)
-    row_starts = torch.arange(0, n * channels * (pixels + 1), pixels + 1, dtype=torch.int32, device=x.device)
-    flat_index = sources.view(n, 1, pixels) + row_starts.view(n, channels, 1)
+    flat_index = sources.view(n, 1, pixels) + _row_starts(n * channels, pixels + 1, x.device).view(n, channels, 1)
     return padded.view(-1).index_select(0, flat_index.view(-1)).view(n, channels, height, width)
+
+
+def _translate(x: torch.Tensor, op_ids: list[int], magnitudes: list[float], fill: torch.Tensor,
+               cache: _SourceIndexCache) -> torch.Tensor:
+    """TranslateX / TranslateY. torchvision's grid for a whole-pixel translation t puts every output
+    pixel within float32 rounding of source pixel (j - t), far from a rounding tie, so nearest sampling is
+    exactly a shift with the fill coming in: done as slice copies, one per distinct shift."""
+    n, channels, height, width = x.shape
+    out = torch.empty_like(x)
+    out[:] = fill.view(1, channels, 1, 1)
+    shifts = [(int(m), 0) if op_id == _OP_ID["TranslateX"] else (0, int(m)) for op_id, m in zip(op_ids, magnitudes)]
+    # apply() sorts each op's samples by magnitude, so equal shifts are contiguous runs: one copy per run.
+    run_start = 0
+    for position in range(1, n + 1):
+        if position < n and shifts[position] == shifts[run_start]:
+            continue
+        (dx, dy), run = shifts[run_start], slice(run_start, position)
+        run_start = position
+        if abs(dx) >= width or abs(dy) >= height:
+            continue  # everything moved out: all fill
+        rows = slice(max(dy, 0), height + min(dy, 0)), slice(max(-dy, 0), height + min(-dy, 0))
+        cols = slice(max(dx, 0), width + min(dx, 0)), slice(max(-dx, 0), width + min(-dx, 0))
+        out[run, :, rows[0], cols[0]] = x[run, :, rows[1], cols[1]]
+    return out
 
 
 # --- point and colour ops ---------------------------------------------------------------------------
 
-def _apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    """x (n, C, H, W) uint8 through per-row lookup tables lut (n, 1 or C, 256) uint8."""
-    n, channels, height, width = x.shape
-    rows = lut.shape[1]
-    row_starts = torch.arange(0, n * rows * 256, 256, dtype=torch.int32, device=x.device).view(n, rows, 1, 1)
-    index = x + row_starts  # uint8 + int32 -> int32 in one pass
-    return lut.reshape(-1).index_select(0, index.view(-1)).view(n, channels, height, width)
+def _to_uint8(values: torch.Tensor) -> torch.Tensor:
+    """Truncate float values already clamped to [0, 255] to uint8, as ``.to(torch.uint8)`` does; through
+    int16 because torch's direct float->uint8 cast is an unvectorised loop (~10x slower on CPU)."""
+    return values.to(torch.int16).to(torch.uint8)
 
 
-def _factor_tensors(magnitudes: list[float], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample blend factor 1 + m and its complement, each rounded to float32 from the double
-    torchvision computes (it passes ``1.0 + magnitude`` and blends with ``1.0 - ratio``)."""
+def _per_sample(values: list[float], device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1, 1)
+
+
+def _factors(magnitudes: list[float], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample blend factor 1 + m and its complement (n, 1, 1, 1), each rounded to float32 from the
+    double torchvision computes (it passes ``1.0 + magnitude`` and blends with ``1.0 - ratio``)."""
     ratios = [1.0 + m for m in magnitudes]
-    ratio = torch.tensor(ratios, dtype=torch.float32, device=device)
-    complement = torch.tensor([1.0 - r for r in ratios], dtype=torch.float32, device=device)
-    return ratio, complement
+    return _per_sample(ratios, device), _per_sample([1.0 - r for r in ratios], device)
 
 
 def _grayscale_floor(x: torch.Tensor) -> torch.Tensor:
@@ -244,36 +291,30 @@ def _grayscale_floor(x: torch.Tensor) -> torch.Tensor:
     return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).floor_()
 
 
-def _levels(device) -> torch.Tensor:
-    return torch.arange(256, dtype=torch.float32, device=device)
-
-
 def _brightness(x: torch.Tensor, magnitudes: list[float]) -> torch.Tensor:
-    factor, _ = _factor_tensors(magnitudes, x.device)
-    lut = _levels(x.device).mul(factor.view(-1, 1)).clamp_(0, 255).to(torch.uint8)
-    return _apply_lut(x, lut.unsqueeze(1))
+    factor, _ = _factors(magnitudes, x.device)
+    return _to_uint8(x.to(torch.float32).mul_(factor).clamp_(0, 255))
 
 
 def _color(x: torch.Tensor, magnitudes: list[float]) -> torch.Tensor:
-    ratio, complement = _factor_tensors(magnitudes, x.device)
-    gray = _grayscale_floor(x).unsqueeze_(1).mul_(complement.view(-1, 1, 1, 1))
-    return x.mul(ratio.view(-1, 1, 1, 1)).add_(gray).clamp_(0, 255).to(torch.uint8)
+    ratio, complement = _factors(magnitudes, x.device)
+    gray = _grayscale_floor(x).unsqueeze_(1).mul_(complement)
+    return _to_uint8(x.to(torch.float32).mul_(ratio).add_(gray).clamp_(0, 255))
 
 
 def _contrast(x: torch.Tensor, magnitudes: list[float]) -> torch.Tensor:
-    ratio, complement = _factor_tensors(magnitudes, x.device)
-    mean = _grayscale_floor(x).mean(dim=(1, 2))
-    lut = _levels(x.device).mul(ratio.view(-1, 1)).add_(mean.mul_(complement).view(-1, 1))
-    return _apply_lut(x, lut.clamp_(0, 255).to(torch.uint8).unsqueeze(1))
+    ratio, complement = _factors(magnitudes, x.device)
+    offset = _grayscale_floor(x).mean(dim=(1, 2)).view(-1, 1, 1, 1).mul_(complement)
+    return _to_uint8(x.to(torch.float32).mul_(ratio).add_(offset).clamp_(0, 255))
 
 
 def _sharpness(x: torch.Tensor, magnitudes: list[float]) -> torch.Tensor:
     n, channels, height, width = x.shape
     if height <= 2 or width <= 2:
         return x  # torchvision leaves such images as they are
-    _, complement = _factor_tensors(magnitudes, x.device)
+    _, complement = _factors(magnitudes, x.device)
     out = x.to(torch.float32)
-    # The 3x3 kernel (1 1 1 / 1 5 1 / 1 1 1) / 13 as a separable box sum plus 4x the centre; the sums are
+    # The 3x3 kernel (1 1 1 / 1 5 1 / 1 1 1) / 13 as a separable box sum plus 4x the centre: the sums are
     # exact integers and S/13 is never within 1/26 of a half, so rounding gives torchvision's blurred
     # levels exactly, whatever order its conv accumulates in.
     rows = out[..., :, :-2] + out[..., :, 1:-1]
@@ -282,8 +323,8 @@ def _sharpness(x: torch.Tensor, magnitudes: list[float]) -> torch.Tensor:
     box.add_(rows[..., 2:, :])
     centre = out[..., 1:-1, 1:-1]
     blurred = box.add_(centre, alpha=4).mul_(1.0 / 13.0).round_()
-    centre.add_(blurred.sub_(centre).mul_(complement.view(-1, 1, 1, 1)))
-    return out.clamp_(0, 255).to(torch.uint8)
+    centre.add_(blurred.sub_(centre).mul_(complement))
+    return _to_uint8(out.clamp_(0, 255))
 
 
 def _posterize(x: torch.Tensor, magnitudes: list[float]) -> torch.Tensor:
@@ -297,29 +338,31 @@ def _posterize(x: torch.Tensor, magnitudes: list[float]) -> torch.Tensor:
 
 
 def _solarize(x: torch.Tensor, magnitudes: list[float]) -> torch.Tensor:
-    # torchvision compares the image with the float threshold 255 * magnitude in float32.
-    threshold = torch.tensor([255.0 * m for m in magnitudes], dtype=torch.float32, device=x.device).view(-1, 1)
-    levels = _levels(x.device)
-    lut = torch.where(levels >= threshold, 255 - levels, levels).to(torch.uint8)
-    return _apply_lut(x, lut.unsqueeze(1))
+    # torchvision inverts where image >= 255 * magnitude, compared in float32; for integer levels that is
+    # level >= ceil(threshold) (256 or more: nothing inverted).
+    thresholds = torch.tensor([255.0 * m for m in magnitudes], dtype=torch.float32).ceil_().clamp_(0, 256)
+    thresholds = thresholds.to(torch.int16).to(x.device).view(-1, 1, 1, 1)
+    # Sign arithmetic instead of a comparison (torch's uint8 compare-to-bool loop is ~10x slower):
+    # (v - t) >> 15 is -1 below the threshold and 0 from it on, so its complement is the 0 / 255 mask,
+    # and 255 - v == v ^ 255 for uint8.
+    invert = (x.to(torch.int16) - thresholds).bitwise_right_shift_(15).bitwise_not_().to(torch.uint8)
+    return invert.bitwise_xor_(x)
 
 
 def _autocontrast(x: torch.Tensor, magnitudes: list[float]) -> torch.Tensor:
-    minimum = x.amin(dim=(2, 3)).to(torch.float32)
-    maximum = x.amax(dim=(2, 3)).to(torch.float32)
+    minimum = x.amin(dim=(2, 3), keepdim=True).to(torch.float32)
+    maximum = x.amax(dim=(2, 3), keepdim=True).to(torch.float32)
     flat = maximum == minimum
     inv_scale = maximum.sub_(minimum).mul_(1.0 / 255)
     minimum[flat] = 0.0
     inv_scale[flat] = 1.0
-    lut = _levels(x.device).sub(minimum.unsqueeze(-1)).div_(inv_scale.unsqueeze(-1))
-    return _apply_lut(x, lut.clamp_(0, 255).to(torch.uint8))
+    return _to_uint8(x.to(torch.float32).sub_(minimum).div_(inv_scale).clamp_(0, 255))
 
 
 def _equalize(x: torch.Tensor, magnitudes: list[float]) -> torch.Tensor:
     n, channels, height, width = x.shape
     rows = n * channels
-    row_starts = torch.arange(0, rows * 256, 256, dtype=torch.int32, device=x.device).view(n, channels, 1, 1)
-    index = (x + row_starts).view(-1)
+    index = (x + _row_starts(rows, 256, x.device).view(n, channels, 1, 1)).view(-1)
     hist = torch.bincount(index, minlength=rows * 256).view(rows, 256)
     cum_hist = hist.cumsum(dim=1)
     # PIL's scheme as torchvision implements it: step = (pixels not at the top level) // 255,
@@ -333,6 +376,13 @@ def _equalize(x: torch.Tensor, magnitudes: list[float]) -> torch.Tensor:
     return lut.view(-1).index_select(0, index).view(n, channels, height, width)
 
 
+_GEOMETRIC_OPS = {
+    _OP_ID["ShearX"]: _warp,
+    _OP_ID["ShearY"]: _warp,
+    _OP_ID["TranslateX"]: _translate,
+    _OP_ID["TranslateY"]: _translate,
+    _OP_ID["Rotate"]: _warp,
+}
 _POINT_OPS = {
     _OP_ID["Brightness"]: _brightness,
     _OP_ID["Color"]: _color,
@@ -360,6 +410,7 @@ class BatchedRandAugment:
         self.num_ops = _check_int("num_ops", num_ops, 0)
         self.magnitude = _check_int("magnitude", magnitude, 0, num_magnitude_bins - 1)
         self.fill = _parse_fill(fill)
+        self._source_indices = _SourceIndexCache()
 
     def __repr__(self) -> str:
         return (f"BatchedRandAugment(num_ops={self.num_ops}, magnitude={self.magnitude}, "
@@ -405,20 +456,24 @@ class BatchedRandAugment:
         x = images
         holder = torch.arange(batch)  # x[i] holds sample holder[i]; sorting by op keeps groups contiguous
         for round_index in range(op_ids.shape[1]):
-            order = torch.argsort(op_ids[holder, round_index], stable=True)
+            # By op, and within an op by magnitude (so equal translations are contiguous runs).
+            order = torch.argsort(magnitudes[holder, round_index], stable=True)
+            order = order[torch.argsort(op_ids[holder[order], round_index], stable=True)]
             holder = holder[order]
             x = x.index_select(0, order.to(device)).contiguous()
             round_ops = op_ids[holder, round_index]
             round_magnitudes = magnitudes[holder, round_index].tolist()
             ends = torch.bincount(round_ops, minlength=len(RANDAUGMENT_OPS)).cumsum(0).tolist()
             starts = [0] + ends[:-1]
-            lo, hi = starts[_FIRST_AFFINE], ends[_LAST_AFFINE]
-            if hi > lo:
-                x[lo:hi] = _affine(x[lo:hi], round_ops[lo:hi].tolist(), round_magnitudes[lo:hi], fill)
-            for op_id, run in _POINT_OPS.items():
+            for op_id in range(1, len(RANDAUGMENT_OPS)):
                 lo, hi = starts[op_id], ends[op_id]
-                if hi > lo:
-                    x[lo:hi] = run(x[lo:hi], round_magnitudes[lo:hi])
+                if hi == lo:
+                    continue
+                if op_id in _GEOMETRIC_OPS:
+                    x[lo:hi] = _GEOMETRIC_OPS[op_id](x[lo:hi], round_ops[lo:hi].tolist(), round_magnitudes[lo:hi],
+                                                     fill, self._source_indices)
+                else:
+                    x[lo:hi] = _POINT_OPS[op_id](x[lo:hi], round_magnitudes[lo:hi])
         return x.index_select(0, torch.argsort(holder).to(device))
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -428,9 +483,14 @@ class BatchedRandAugment:
         return self.apply(images, self.draw(batch, height, width, generator))
 
 
-def normalize_uint8(images: torch.Tensor, mean, std, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(images / 255 - mean) / std per channel (dim -3) for uint8 images (..., C, H, W), as one fused
-    multiply-add ``images * (1 / (255 std)) + (-mean / std)`` reading the uint8 values directly."""
+def normalize_uint8(images: torch.Tensor, mean, std, dtype: torch.dtype = torch.float32,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """(images / 255 - mean) / std per channel (dim -3) for uint8 images (..., C, H, W), as
+    ``images * (1 / (255 std)) + (-mean / std)``: one widening copy and one in-place multiply-add pass.
+
+    ``out`` (optional, shape of ``images``, floating dtype, e.g. a pinned staging buffer) receives the
+    result instead of a new tensor. float64 computes in float64, every other dtype in float32.
+    """
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
     if images.dtype != torch.uint8:
@@ -439,6 +499,12 @@ def normalize_uint8(images: torch.Tensor, mean, std, dtype: torch.dtype = torch.
         raise ValueError(f"images must have shape (..., C, H, W), got {tuple(images.shape)}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or out.shape != images.shape or out.dtype != dtype:
+            raise ValueError(f"out must be a {dtype} tensor of shape {tuple(images.shape)}, got "
+                             f"{(out.dtype, tuple(out.shape)) if isinstance(out, torch.Tensor) else type(out).__name__}")
+        if out.device != images.device:
+            raise ValueError(f"out must be on {images.device}, got {out.device}")
     channels = images.shape[-3]
     mean64 = torch.as_tensor(mean, dtype=torch.float64).flatten()
     std64 = torch.as_tensor(std, dtype=torch.float64).flatten()
@@ -447,9 +513,15 @@ def normalize_uint8(images: torch.Tensor, mean, std, dtype: torch.dtype = torch.
             raise ValueError(f"{name} must have one value per channel ({channels}), got {values.numel()}")
     if not bool((std64 > 0).all()):
         raise ValueError(f"std must be positive, got {std64.tolist()}")
-    # The scale and offset are formed in float64 and rounded once, which keeps the fused form within a
-    # few float32 ulps of the two-step reference.
-    scale = (1.0 / (255.0 * std64)).to(dtype=torch.float32, device=images.device).view(channels, 1, 1)
-    offset = (-mean64 / std64).to(dtype=torch.float32, device=images.device).view(channels, 1, 1)
-    out = torch.addcmul(offset, images, scale)
-    return out if dtype == torch.float32 else out.to(dtype)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    # Scale and offset formed in float64 and rounded once: within a few ulps of ToTensor + Normalize.
+    scale = (1.0 / (255.0 * std64)).to(dtype=compute, device=images.device).view(channels, 1, 1)
+    offset = (-mean64 / std64).to(dtype=compute, device=images.device).view(channels, 1, 1)
+    # A mixed uint8 x float multiply (or addcmul) takes torch's slow dynamic-cast loop; widening first
+    # keeps both passes vectorised (2.3 ms vs 5.9 ms for 36 x 3 x 224 x 224 on one core).
+    if out is not None and compute == dtype:
+        return out.copy_(images).mul_(scale).add_(offset)
+    result = images.to(compute).mul_(scale).add_(offset)
+    if out is not None:
+        return out.copy_(result)
+    return result if compute == dtype else result.to(dtype)
