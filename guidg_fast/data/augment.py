@@ -298,8 +298,12 @@ def _brightness(x: torch.Tensor, magnitudes: list[float]) -> torch.Tensor:
 
 def _color(x: torch.Tensor, magnitudes: list[float]) -> torch.Tensor:
     ratio, complement = _factors(magnitudes, x.device)
-    gray = _grayscale_floor(x).unsqueeze_(1).mul_(complement)
-    return _to_uint8(x.to(torch.float32).mul_(ratio).add_(gray).clamp_(0, 255))
+    # torchvision blends as fma(gray, 1 - ratio, image * ratio) (add_ with alpha: one rounding). With
+    # per-sample factors that is emulated in float64, where gray * (1 - ratio) (8 x 24 bits) and the sum
+    # with the float32 product are exact, so the one rounding back to float32 is torchvision's.
+    gray = _grayscale_floor(x).unsqueeze_(1).to(torch.float64).mul_(complement.to(torch.float64))
+    blended = x.to(torch.float32).mul_(ratio).to(torch.float64).add_(gray).to(torch.float32)
+    return _to_uint8(blended.clamp_(0, 255))
 
 
 def _contrast(x: torch.Tensor, magnitudes: list[float]) -> torch.Tensor:
