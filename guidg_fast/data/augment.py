@@ -19,6 +19,7 @@ random part to whole batches with torch ops, so it runs the same on CPU and CUDA
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from numbers import Real
@@ -206,9 +207,14 @@ class _SourceIndexCache:
     def __init__(self, capacity: int = 64) -> None:
         self.capacity = capacity
         self._maps: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
 
     def lookup(self, matrices: list[tuple[float, ...]], height: int, width: int,
                device: torch.device) -> torch.Tensor:
+        with self._lock:
+            return self._lookup(matrices, height, width, device)
+
+    def _lookup(self, matrices, height, width, device) -> torch.Tensor:
         keys = [(str(device), height, width, matrix) for matrix in matrices]
         missing = list(dict.fromkeys(key for key in keys if key not in self._maps))
         if missing:
@@ -414,7 +420,30 @@ class BatchedRandAugment:
         self.num_ops = _check_int("num_ops", num_ops, 0)
         self.magnitude = _check_int("magnitude", magnitude, 0, num_magnitude_bins - 1)
         self.fill = _parse_fill(fill)
+        self._init_state()
+
+    def _init_state(self) -> None:
         self._source_indices = _SourceIndexCache()
+        # Per-thread ping-pong buffers for the rounds: fresh 5 MB tensors every round cost more in page
+        # faults (glibc hands large blocks back to the kernel) than the copies themselves.
+        self._thread_state = threading.local()
+
+    def __getstate__(self) -> dict:
+        # Caches, buffers and the lock stay behind (DataLoader workers pickle the transform).
+        return {k: v for k, v in self.__dict__.items() if k not in ("_source_indices", "_thread_state")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_state()
+
+    def _round_buffers(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (images.device, tuple(images.shape))
+        buffers = getattr(self._thread_state, "buffers", None)
+        if buffers is None or buffers[0] != key:
+            buffers = (key, torch.empty(images.shape, dtype=torch.uint8, device=images.device),
+                       torch.empty(images.shape, dtype=torch.uint8, device=images.device))
+            self._thread_state.buffers = buffers
+        return buffers[1], buffers[2]
 
     def __repr__(self) -> str:
         return (f"BatchedRandAugment(num_ops={self.num_ops}, magnitude={self.magnitude}, "
@@ -458,13 +487,14 @@ class BatchedRandAugment:
         fill = torch.tensor(self.fill, dtype=torch.uint8, device=device).view(1, 3)
         op_ids, magnitudes = op_ids.cpu(), magnitudes.cpu().to(torch.float64)
         x = images
+        buffers = self._round_buffers(images)
         holder = torch.arange(batch)  # x[i] holds sample holder[i]; sorting by op keeps groups contiguous
         for round_index in range(op_ids.shape[1]):
             # By op, and within an op by magnitude (so equal translations are contiguous runs).
             order = torch.argsort(magnitudes[holder, round_index], stable=True)
             order = order[torch.argsort(op_ids[holder[order], round_index], stable=True)]
             holder = holder[order]
-            x = x.index_select(0, order.to(device)).contiguous()
+            x = torch.index_select(x, 0, order.to(device), out=buffers[round_index % 2])
             round_ops = op_ids[holder, round_index]
             round_magnitudes = magnitudes[holder, round_index].tolist()
             ends = torch.bincount(round_ops, minlength=len(RANDAUGMENT_OPS)).cumsum(0).tolist()
