@@ -18,6 +18,7 @@ random part to whole batches with torch ops, so it runs the same on CPU and CUDA
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections import OrderedDict
@@ -51,6 +52,11 @@ _SIGNED = torch.tensor([name in {"ShearX", "ShearY", "TranslateX", "TranslateY",
 _OP_ID = {name: i for i, name in enumerate(RANDAUGMENT_OPS)}
 # The affine ops sample a float32 map of flat pixel indices; above 2**24 pixels they are not exact.
 _MAX_PIXELS = 2**24 - 1
+
+
+@functools.lru_cache(maxsize=64)
+def _magnitude_column(num_magnitude_bins: int, magnitude: int, height: int, width: int) -> torch.Tensor:
+    return randaugment_magnitudes(num_magnitude_bins, height, width)[:, magnitude].clone()
 
 
 def randaugment_magnitudes(num_magnitude_bins: int, height: int, width: int) -> torch.Tensor:
@@ -459,7 +465,7 @@ class BatchedRandAugment:
         shape = (batch_size, self.num_ops)
         op_ids = torch.randint(len(RANDAUGMENT_OPS), shape, generator=generator)
         negate = torch.rand(shape, generator=generator) <= 0.5
-        magnitudes = randaugment_magnitudes(self.num_magnitude_bins, height, width)[:, self.magnitude][op_ids]
+        magnitudes = _magnitude_column(self.num_magnitude_bins, self.magnitude, height, width)[op_ids]
         magnitudes = torch.where(negate & _SIGNED[op_ids], -magnitudes, magnitudes)
         return RandAugmentPlan(op_ids=op_ids, magnitudes=magnitudes, image_size=(height, width))
 
