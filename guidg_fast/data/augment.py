@@ -251,7 +251,8 @@ def _warp(x: torch.Tensor, op_ids: list[int], magnitudes: list[float], fill: tor
     padded[:, :, 0] = fill
     padded[:, :, 1:] = x.view(n, channels, pixels)
     flat_index = sources.view(n, 1, pixels) + _row_starts(n * channels, pixels + 1, x.device).view(n, channels, 1)
-    return padded.view(-1).index_select(0, flat_index.view(-1)).view(n, channels, height, width)
+    torch.index_select(padded.view(-1), 0, flat_index.view(-1), out=x.view(-1))  # padded holds the input
+    return x
 
 
 def _translate(x: torch.Tensor, op_ids: list[int], magnitudes: list[float], fill: torch.Tensor,
@@ -280,10 +281,11 @@ def _translate(x: torch.Tensor, op_ids: list[int], magnitudes: list[float], fill
 
 # --- point and colour ops ---------------------------------------------------------------------------
 
-def _to_uint8(values: torch.Tensor) -> torch.Tensor:
-    """Truncate float values already clamped to [0, 255] to uint8, as ``.to(torch.uint8)`` does; through
-    int16 because torch's direct float->uint8 cast is an unvectorised loop (~10x slower on CPU)."""
-    return values.to(torch.int16).to(torch.uint8)
+def _store(values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Truncate float values already clamped to [0, 255] into the uint8 ``out``, as ``.to(torch.uint8)``
+    does; through int16 because torch's direct float->uint8 cast is an unvectorised loop (~10x slower on
+    CPU). The point ops write over their input (apply() hands them a slice of its own round buffer)."""
+    return out.copy_(values.to(torch.int16))
 
 
 def _per_sample(values: list[float], device) -> torch.Tensor:
@@ -305,7 +307,7 @@ def _grayscale_floor(x: torch.Tensor) -> torch.Tensor:
 
 def _brightness(x: torch.Tensor, magnitudes: list[float]) -> torch.Tensor:
     factor, _ = _factors(magnitudes, x.device)
-    return _to_uint8(x.to(torch.float32).mul_(factor).clamp_(0, 255))
+    return _store(x.to(torch.float32).mul_(factor).clamp_(0, 255), x)
 
 
 def _color(x: torch.Tensor, magnitudes: list[float]) -> torch.Tensor:
@@ -314,13 +316,13 @@ def _color(x: torch.Tensor, magnitudes: list[float]) -> torch.Tensor:
     # is a multiply and an add, so ~0.2% of the pixels land one level apart. An exact float64 emulation
     # of the fma costs 3-10x this op (float64 temporaries), which the 1-level tolerance does not justify.
     gray = _grayscale_floor(x).unsqueeze_(1).mul_(complement)
-    return _to_uint8(x.to(torch.float32).mul_(ratio).add_(gray).clamp_(0, 255))
+    return _store(x.to(torch.float32).mul_(ratio).add_(gray).clamp_(0, 255), x)
 
 
 def _contrast(x: torch.Tensor, magnitudes: list[float]) -> torch.Tensor:
     ratio, complement = _factors(magnitudes, x.device)
     offset = _grayscale_floor(x).mean(dim=(1, 2)).view(-1, 1, 1, 1).mul_(complement)
-    return _to_uint8(x.to(torch.float32).mul_(ratio).add_(offset).clamp_(0, 255))
+    return _store(x.to(torch.float32).mul_(ratio).add_(offset).clamp_(0, 255), x)
 
 
 def _sharpness(x: torch.Tensor, magnitudes: list[float]) -> torch.Tensor:
@@ -339,7 +341,7 @@ def _sharpness(x: torch.Tensor, magnitudes: list[float]) -> torch.Tensor:
     centre = out[..., 1:-1, 1:-1]
     blurred = box.add_(centre, alpha=4).mul_(1.0 / 13.0).round_()
     centre.add_(blurred.sub_(centre).mul_(complement))
-    return _to_uint8(out.clamp_(0, 255))
+    return _store(out.clamp_(0, 255), x)
 
 
 def _posterize(x: torch.Tensor, magnitudes: list[float]) -> torch.Tensor:
@@ -349,7 +351,7 @@ def _posterize(x: torch.Tensor, magnitudes: list[float]) -> torch.Tensor:
         if not 0 <= bits <= 8:
             raise ValueError(f"plan.magnitudes: Posterize needs 0..8 bits, got {magnitude}")
         masks.append(255 if bits == 8 else ((1 << bits) - 1) << (8 - bits))
-    return x & torch.tensor(masks, dtype=torch.uint8, device=x.device).view(-1, 1, 1, 1)
+    return x.bitwise_and_(torch.tensor(masks, dtype=torch.uint8, device=x.device).view(-1, 1, 1, 1))
 
 
 def _solarize(x: torch.Tensor, magnitudes: list[float]) -> torch.Tensor:
@@ -361,7 +363,7 @@ def _solarize(x: torch.Tensor, magnitudes: list[float]) -> torch.Tensor:
     # (v - t) >> 15 is -1 below the threshold and 0 from it on, so its complement is the 0 / 255 mask,
     # and 255 - v == v ^ 255 for uint8.
     invert = (x.to(torch.int16) - thresholds).bitwise_right_shift_(15).bitwise_not_().to(torch.uint8)
-    return invert.bitwise_xor_(x)
+    return x.bitwise_xor_(invert)
 
 
 def _autocontrast(x: torch.Tensor, magnitudes: list[float]) -> torch.Tensor:
@@ -372,7 +374,7 @@ def _autocontrast(x: torch.Tensor, magnitudes: list[float]) -> torch.Tensor:
     # torch.where rather than masked assignment: no host sync on CUDA.
     minimum = torch.where(flat, 0.0, minimum)
     inv_scale = torch.where(flat, 1.0, inv_scale)
-    return _to_uint8(x.to(torch.float32).sub_(minimum).div_(inv_scale).clamp_(0, 255))
+    return _store(x.to(torch.float32).sub_(minimum).div_(inv_scale).clamp_(0, 255), x)
 
 
 def _equalize(x: torch.Tensor, magnitudes: list[float]) -> torch.Tensor:
@@ -389,7 +391,8 @@ def _equalize(x: torch.Tensor, magnitudes: list[float]) -> torch.Tensor:
     lut = torch.cat([lut.new_zeros(rows, 1), lut], dim=1)
     identity = torch.arange(256, dtype=lut.dtype, device=x.device).expand(rows, 256)
     lut = torch.where(step != 0, lut, identity).to(torch.uint8)
-    return lut.view(-1).index_select(0, index).view(n, channels, height, width)
+    torch.index_select(lut.view(-1), 0, index, out=x.view(-1))
+    return x
 
 
 _GEOMETRIC_OPS = {
@@ -509,11 +512,14 @@ class BatchedRandAugment:
                 lo, hi = starts[op_id], ends[op_id]
                 if hi == lo:
                     continue
+                group = x[lo:hi]
                 if op_id in _GEOMETRIC_OPS:
-                    x[lo:hi] = _GEOMETRIC_OPS[op_id](x[lo:hi], round_ops[lo:hi].tolist(), round_magnitudes[lo:hi],
-                                                     fill, self._source_indices)
+                    result = _GEOMETRIC_OPS[op_id](group, round_ops[lo:hi].tolist(), round_magnitudes[lo:hi],
+                                                   fill, self._source_indices)
                 else:
-                    x[lo:hi] = _POINT_OPS[op_id](x[lo:hi], round_magnitudes[lo:hi])
+                    result = _POINT_OPS[op_id](group, round_magnitudes[lo:hi])
+                if result.data_ptr() != group.data_ptr():  # ops that cannot work in place (translate)
+                    group.copy_(result)
         return x.index_select(0, torch.argsort(holder).to(device))
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
