@@ -2,6 +2,7 @@
 
 No DomainBed or Dassl dependency; folders are read with PIL, splits are seeded with torch.Generator.
 """
+from .augment import RANDAUGMENT_OPS, BatchedRandAugment, RandAugmentPlan, normalize_uint8, randaugment_magnitudes
 from .folders import DOMAINBED_DATASETS, IMAGE_EXTENSIONS, CorruptImageError, DomainFolder, check_same_classes, load_domainbed
 from .imagenet_dg import IMAGENET_DG_FULL, build_imagenet_dg, read_classnames
 from .image_cache import ImageCacheStore
@@ -12,6 +13,11 @@ from .synthetic import SHAPE_CLASSES, SyntheticDomains
 from .transforms import CLIP_MEAN, CLIP_STD, clip_transform
 
 __all__ = [
+    "RANDAUGMENT_OPS",
+    "BatchedRandAugment",
+    "RandAugmentPlan",
+    "normalize_uint8",
+    "randaugment_magnitudes",
     "CLIP_MEAN",
     "CLIP_STD",
     "DOMAINBED_DATASETS",
