@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 # the one place the augmentation implementation is chosen (branch `aug` replaces this import)
-from ._augment_standin import BatchedRandAugment, normalize_uint8
+from .augment import BatchedRandAugment, normalize_uint8
 from .image_cache import ImageCacheStore, UInt8Images
 from .workers import check_workers, make_loader
 
