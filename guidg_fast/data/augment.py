@@ -8,13 +8,16 @@ random part to whole batches with torch ops, so it runs the same on CPU and CUDA
   ``torch.Generator`` with torchvision's distribution (op uniform over the 14-op space, signed ops
   negated with probability 1/2, magnitudes from torchvision's augmentation space at the image size),
   so a (seed, batch) pair gives the same plan on any device and with any number of workers;
-- ``BatchedRandAugment.apply`` sorts the samples of each round by op and runs every op once on its
-  group with per-sample magnitudes: the five affine ops share one batched inverse-affine grid built
-  as torchvision builds it and sampled with ``grid_sample(nearest)`` (the same kernel torchvision
-  calls, so the same source pixel is picked), the per-channel point ops (brightness, contrast,
-  solarize, autocontrast, equalize) become per-sample 256-entry lookup tables computed with
-  torchvision's float math, posterize is a bit mask, colour and sharpness blend in float32;
-- ``normalize_uint8`` turns the uint8 result into the normalised float batch in one fused op.
+- ``BatchedRandAugment.apply`` sorts the samples of each round by op (and magnitude) and runs every op
+  once on its group with per-sample magnitudes. ShearX / ShearY / Rotate: a source-index map per
+  inverse matrix, from torchvision's own grid construction (bmm) and ``grid_sample(nearest)`` on a map
+  of pixel numbers, so the same source pixel is picked; cached (a fixed magnitude gives 10 matrices per
+  image size) and applied as one uint8 gather. TranslateX / Y: whole-pixel shifts as slice copies.
+  Brightness / Color / Contrast / Sharpness / AutoContrast: torchvision's float32 math with per-sample
+  factor tensors; Posterize: a bit mask; Solarize: sign arithmetic on int16; Equalize: one bincount
+  histogram for all (sample, channel) rows and a lookup-table gather.
+- ``normalize_uint8`` turns the uint8 result into the normalised float batch (one widening copy and an
+  in-place multiply-add).
 """
 from __future__ import annotations
 
