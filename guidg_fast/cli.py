@@ -144,7 +144,7 @@ class _RunDir:
 
 
 def _load_split(args, raw_step1: bool = False):
-    """The data of a run (synthetic demo domains, or DomainBed folders under --data) with the official
+    """The data of a run (synthetic demo domains, DomainBed folders or ImageNet-DG under --data) with the official
     transforms: one un-augmented view for step 1 (exact feature cache), RandAugment for step 2.
     ``raw_step1``: step-1 images stay untransformed (the feature cache applies the augmentation)."""
     from . import data

@@ -80,6 +80,27 @@ def test_imagenet_dg_split_from_one_root(tmp_path):
         assert cli._load_split(args).info["n_shot"] == 16
 
 
+def test_imagenet_dg_coop_folder_names(tmp_path):
+    """CoOp's DATASETS.md layout under --data: imagenet/images/{train,val}, imagenet-sketch/images,
+    imagenetv2/imagenetv2-matched-frequency-format-val, imagenet-rendition/imagenet-r."""
+    _imagenet_dg_tree(tmp_path / "official")
+    official, root = tmp_path / "official" / "ImageNet", tmp_path / "coop"
+    (root / "imagenet").mkdir(parents=True)
+    (official / "i").rename(root / "imagenet" / "images")
+    (root / "imagenet-sketch").mkdir()
+    (official / "s").rename(root / "imagenet-sketch" / "images")
+    (root / "imagenetv2").mkdir()
+    (official / "v2").rename(root / "imagenetv2" / "imagenetv2-matched-frequency-format-val")
+    (root / "imagenet-rendition").mkdir()
+    (official / "r").rename(root / "imagenet-rendition" / "imagenet-r")
+    (official / "classnames.txt").rename(root / "imagenet" / "classnames.txt")
+    args = _parse(["train-experts", "--data", str(root), "--dataset", "ImageNet-DG", "--target", "imagenet_r",
+                   "--n-shot", "2", *TINY])
+    split = cli._load_split(args)
+    assert split.classnames == NAMES[:3] and split.counts()["step2"] == dict.fromkeys(split.source_domains, 6)
+    assert split.info["roots"]["imagenet_r"] == str(root / "imagenet-rendition" / "imagenet-r")
+
+
 def test_imagenet_dg_bad_input_names_the_problem(tmp_path):
     _imagenet_dg_tree(tmp_path)
     with pytest.raises(SystemExit, match="imagenet_a, imagenet_r, imagenet_val|unknown ImageNet-DG target"):
@@ -156,6 +177,13 @@ def test_option_conflicting_with_the_saved_model_is_an_error(tiny_model, tmp_pat
     assert f"{option} {value if value is not None else True}" in message and "fixed by the saved model" in message
     assert {"--arch": "guidg-tiny", "--n-ctx": "2", "--baseline": "clipood", "--csc": "False"}[option] in message
     assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_image_size_follows_the_saved_model(tiny_model, tmp_path):
+    args = _parse(["evaluate", "--model", tiny_model])
+    assert (args.arch, args.image_size, args.n_ctx) == ("guidg-tiny", 32, 2)
+    with pytest.raises(SystemExit, match="--image-size 224 does not fit --arch guidg-tiny"):
+        _parse(["finetune", "--model", tiny_model, "--image-size", "224"])
 
 
 def test_not_a_model_folder_is_an_error(tmp_path):
