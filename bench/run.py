@@ -207,12 +207,12 @@ class Results:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="guidg-fast bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small cases and few repeats (CI smoke run)")
-    parser.add_argument("--only", nargs="+", default=None, metavar="NAME", help=f"entries to run (of {entry_names()})")
+    parser.add_argument("--quick", action="store_true", help="small cases and few repeats (CI smoke run) (default: the full cases)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="NAME", help=f"entries to run (of {entry_names()}) (default: all)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--out", default="bench/results",
                         help="folder for latest.{json,md,png} and history.jsonl (default: bench/results)")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements (faster)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements (faster) (default: measured)")
     parser.add_argument("--max-parity-err", type=float, default=None, metavar="TOL",
                         help="exit with status 1 if any entry's fast and reference outputs differ by more than "
                              "TOL (max relative error; default: report only)")

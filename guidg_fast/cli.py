@@ -144,27 +144,60 @@ class _RunDir:
 
 
 def _load_split(args, raw_step1: bool = False):
-    """The data of a run (synthetic demo domains, or DomainBed folders under --data) with the official
+    """The data of a run (synthetic demo domains, DomainBed folders or ImageNet-DG under --data) with the official
     transforms: one un-augmented view for step 1 (exact feature cache), RandAugment for step 2.
     ``raw_step1``: step-1 images stay untransformed (the feature cache applies the augmentation)."""
     from . import data
 
-    if args.data == "synthetic":
-        domains = data.SyntheticDomains(
-            num_classes=args.synthetic_classes, images_per_class=args.synthetic_images, image_size=args.image_size,
-            seed=args.seed,
-        ).datasets
+    if data.is_imagenet_dg(args.dataset):
+        split = _imagenet_dg_split(args)
     else:
-        domains = data.load_domainbed(args.data, dataset=args.dataset, skip_corrupt=args.skip_corrupt)
-    target = args.target or sorted(domains)[-1]
-    if target not in domains:
-        raise SystemExit(f"--target {target!r} is not one of the domains {sorted(domains)}")
-    if args.n_shot:
-        split = data.few_shot_split(domains, [target], n_shot=args.n_shot, seed=args.seed)
-    else:
-        split = data.multi_source_split(domains, [target], seed=args.seed)
+        if args.data == "synthetic":
+            domains = data.SyntheticDomains(
+                num_classes=args.synthetic_classes, images_per_class=args.synthetic_images,
+                image_size=args.image_size, seed=args.seed,
+            ).datasets
+        else:
+            domains = data.load_domainbed(args.data, dataset=args.dataset, skip_corrupt=args.skip_corrupt)
+        target = args.target or sorted(domains)[-1]
+        if target not in domains:
+            raise SystemExit(f"--target {target!r} is not one of the domains {sorted(domains)}")
+        if args.n_shot:
+            split = data.few_shot_split(domains, [target], n_shot=args.n_shot, seed=args.seed)
+        else:
+            split = data.multi_source_split(domains, [target], seed=args.seed)
     plain = data.clip_transform(args.image_size)
     return split.with_transforms(None if raw_step1 else plain, data.clip_transform(args.image_size, randaugment=True), plain)
+
+
+def _imagenet_dg_split(args):
+    """The few-shot ImageNet-DG split from the dataset folders under --data (see imagenet_dg_roots)."""
+    from . import data
+
+    if args.data == "synthetic":
+        raise SystemExit("--dataset ImageNet-DG needs --data ROOT, the folder holding the ImageNet-DG datasets")
+    n_shot = IMAGENET_DG_SHOTS if args.n_shot is None else args.n_shot
+    if n_shot < 1:
+        raise SystemExit(f"--n-shot must be >= 1 for ImageNet-DG (a few-shot protocol), got {n_shot}")
+    target = args.target or data.imagenet_dg.IMAGENET_DG_TARGETS[0]
+    try:
+        roots = data.imagenet_dg_roots(args.data, target)
+        return data.build_imagenet_dg(**roots, target=target, n_shot=n_shot, seed=args.seed,
+                                      skip_corrupt=args.skip_corrupt)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"--data {args.data} --dataset ImageNet-DG --target {target}: {exc}") from exc
+
+
+def _evaluation_sets(split, image_size: int, with_sources: bool) -> dict:
+    """The targets' test sets and, ``with_sources``, the sources' step-2 images seen through the
+    evaluation transform: the split's step-2 sets carry RandAugment, which scores must not."""
+    from .data import clip_transform, with_transform
+
+    datasets = dict(split.test)
+    if with_sources:
+        plain = clip_transform(image_size)
+        datasets.update({d: with_transform(ds, plain) for d, ds in split.step2.items()})
+    return datasets
 
 
 def _new_model(args, split):
@@ -233,6 +266,7 @@ def cmd_finetune(args) -> int:
     run = _RunDir(args.out, "finetune")
     split = _load_split(args)
     model = GuiDG.load(args.model, device=args.device, classnames=split.classnames, precision=args.precision)
+    model.config.update(baseline=args.baseline, weight_mode=args.weight_mode)  # step-2 choices (see --baseline)
     losses = model.finetune(
         split.step2, iterations=args.iterations, epochs=args.epochs, batch_per_domain=args.batch_per_domain,
         lr=args.lr, checkpoint_dir=run.path, checkpoint_every=args.checkpoint_every, resume=args.resume,
@@ -252,10 +286,7 @@ def cmd_evaluate(args) -> int:
     run = _RunDir(args.out, "evaluate")
     split = _load_split(args)
     model = GuiDG.load(args.model, device=args.device, classnames=split.classnames, precision=args.precision)
-    datasets = dict(split.test)
-    if args.with_sources:
-        datasets.update(split.step2)
-    results = model.evaluate(datasets, **_pipeline(args))
+    results = model.evaluate(_evaluation_sets(split, args.image_size, args.with_sources), **_pipeline(args))
     _report(run, results, split)
     run.metrics["accuracy"] = results
     run.print(f"metrics {run.save_metrics()}")
@@ -292,8 +323,7 @@ def cmd_demo(args) -> int:
     )
     run.print(f"step 2 done in {time.perf_counter() - t0:.1f} s: loss {model.history['step2'][0]:.3f} -> "
               f"{model.history['step2'][-1]:.3f}")
-    eval_sets = {**split.test, **split.step2} if args.with_sources else dict(split.test)
-    results = model.evaluate(eval_sets, **_pipeline(args))
+    results = model.evaluate(_evaluation_sets(split, args.image_size, args.with_sources), **_pipeline(args))
     run.print(f"\ntop-1 accuracy (%), chance = {100.0 / len(split.classnames):.1f}:")
     _report(run, results, split)
     run.print("\nspeed on the same work, measured now (median of a few iterations):")
@@ -318,40 +348,133 @@ def cmd_bench(args) -> int:
 
     return bench_main(args.bench_args)
 
-def _add_common(p, *, demo: bool = False) -> None:
-    from .backbone import TINY_ARCH
-    from .data.workers import default_workers
+IMAGENET_DG_SHOTS = 16  # the official ImageNet-DG protocol: 16 images per class and half
 
+# options that describe the model itself: in finetune / evaluate the saved model (--model DIR) fixes them
+_SAVED_MODEL_OPTIONS = {"arch": "arch", "pretrained": "pretrained", "n_ctx": "n_ctx",
+                        "position": "class_token_position", "csc": "class_specific"}
+# step-2 choices recorded in the model: finetune may change them, evaluate has no use for them
+_STEP2_OPTIONS = {"baseline": "baseline", "weight_mode": "weight_mode"}
+
+
+def _saved_model_config(directory: str) -> dict:
+    import os
+
+    from .train.checkpoint import load_json
+
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"--model {directory!r} is not a model folder (no config.json): pass the model/ folder "
+                         "that train-experts or finetune wrote into its run folder")
+    try:
+        return load_json(path)
+    except ValueError as exc:
+        raise SystemExit(f"--model {directory!r}: {exc}") from exc
+
+
+def _apply_saved_model(args) -> None:
+    """finetune / evaluate: the model options come from --model; a value given that differs is an error."""
+    if getattr(args, "model", None) is None:
+        return
+    config = _saved_model_config(args.model)
+    fixed = dict(_SAVED_MODEL_OPTIONS)
+    if args.command == "evaluate":
+        fixed.update(_STEP2_OPTIONS)
+    conflicts = []
+    for option, key in fixed.items():
+        given, saved = getattr(args, option), config.get(key)
+        if given is not None and given != saved:
+            conflicts.append(f"--{option.replace('_', '-')} {given} (the model has {saved})")
+        setattr(args, option, saved)
+    if conflicts:
+        raise SystemExit(
+            f"{args.command}: {'; '.join(conflicts)}. These options are fixed by the saved model "
+            f"--model {args.model}: drop them, or train a new model with train-experts"
+        )
+    for option, key in _STEP2_OPTIONS.items():  # finetune: a choice not given is the recorded one
+        if getattr(args, option) is None:
+            setattr(args, option, config.get(key))
+
+
+def _add_data_options(p) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic",
-                   help="'synthetic' (generated in code) or a DomainBed root folder (default: synthetic)")
+                   help="'synthetic' (generated in code), a DomainBed root folder, or with --dataset ImageNet-DG the "
+                        "folder of the ImageNet-DG datasets (ImageNet/{i,s,v2,a,r} as in the official README, or "
+                        "CoOp's imagenet/, imagenet-sketch/, imagenetv2/, imagenet-adversarial/, "
+                        "imagenet-rendition/) (default: synthetic)")
     g.add_argument("--dataset", default=None,
-                   help="DomainBed dataset under --data: PACS, VLCS, OfficeHome, TerraIncognita, DomainNet "
+                   help="DomainBed dataset under --data: PACS, VLCS, OfficeHome, TerraIncognita, DomainNet; or "
+                        "ImageNet-DG (sources imagenet, imagenet_sketch, imagenet_v2; few-shot) "
                         "(default: none, --data holds the domain folders itself)")
-    g.add_argument("--target", default=None, help="held-out target domain (default: the last domain by name)")
-    g.add_argument("--n-shot", type=int, default=0,
-                   help="few-shot protocol: images per class per half (default: 0 = the 30/70 multi-source split)")
+    g.add_argument("--target", default=None,
+                   help="held-out target domain; for ImageNet-DG imagenet_a, imagenet_r (200 classes each: the "
+                        "sources keep those) or imagenet_val (1000), also written imagenet-r, r, val "
+                        "(default: the last domain by name; ImageNet-DG: imagenet_a)")
+    g.add_argument("--n-shot", type=int, default=None,
+                   help="few-shot protocol: images per class per half of each source domain (default: "
+                        f"{IMAGENET_DG_SHOTS} for ImageNet-DG, else 0 = the 30/70 multi-source split)")
     g.add_argument("--image-size", type=int, default=None,
-                   help="image side in pixels (default: the one --arch was built for, e.g. 224 for ViT-B-16)")
+                   help="image side in pixels (default: the one the architecture was built for, e.g. 224 for "
+                        "ViT-B-16; finetune / evaluate: the saved model's)")
     g.add_argument("--skip-corrupt", action="store_true",
                    help="skip unreadable image files with a warning (default: an error naming the file)")
     g.add_argument("--synthetic-classes", type=int, default=7, help="classes of the synthetic data (default: 7)")
     g.add_argument("--synthetic-images", type=int, default=24,
                    help="images per class and domain of the synthetic data (default: 24)")
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", default=TINY_ARCH if demo else "ViT-B-16",
-                   help=f"open_clip architecture (default: {TINY_ARCH if demo else 'ViT-B-16'})")
-    g.add_argument("--pretrained", default=None,
-                   help="local weights file or cached open_clip tag (default: none = random init)")
-    g.add_argument("--n-ctx", type=int, default=4 if demo else 16,
-                   help=f"learned context tokens per expert (default: {4 if demo else 16})")
-    g.add_argument("--position", default="end", choices=["end", "middle", "front"],
-                   help="class token position (default: end)")
-    g.add_argument("--csc", action="store_true", help="class-specific contexts (default: one generic context)")
-    g.add_argument("--baseline", default="clipood", choices=["clipood", "erm", "ueo"],
-                   help="step-2 baseline (default: clipood = margin 0.3 + BMA)")
-    g.add_argument("--weight-mode", default="batch", choices=["batch", "sample"],
-                   help="expert weights: batch mean (official) or per sample (paper Eq. 20) (default: batch)")
+
+
+def _add_model_options(p, *, demo: bool = False, saved: str | None = None) -> None:
+    """The model options. ``saved`` (finetune / evaluate): the model comes from --model, so the
+    options it fixes are not listed; they are still accepted, and checked against the saved model,
+    so that a command line written for train-experts keeps working as long as it agrees."""
+    from .backbone import TINY_ARCH
+
+    if saved is None:
+        g = p.add_argument_group("model")
+        g.add_argument("--arch", default=TINY_ARCH if demo else "ViT-B-16",
+                       help=f"open_clip architecture (default: {TINY_ARCH if demo else 'ViT-B-16'})")
+        g.add_argument("--pretrained", default=None,
+                       help="local weights file or cached open_clip tag (default: none = random init)")
+        g.add_argument("--n-ctx", type=int, default=4 if demo else 16,
+                       help=f"learned context tokens per expert (default: {4 if demo else 16})")
+        g.add_argument("--position", default="end", choices=["end", "middle", "front"],
+                       help="class token position (default: end)")
+        g.add_argument("--csc", action="store_true", help="class-specific contexts (default: one generic context)")
+        g.add_argument("--baseline", default="clipood", choices=["clipood", "erm", "ueo"],
+                       help="step-2 baseline, recorded in the model for finetune (default: clipood = margin 0.3 + BMA)")
+        g.add_argument("--weight-mode", default="batch", choices=["batch", "sample"],
+                       help="step-2 expert weights, recorded in the model for finetune: batch mean (official) or "
+                            "per sample (paper Eq. 20) (default: batch)")
+        return
+    hidden = dict(default=None, help=argparse.SUPPRESS)
+    step2_listed = saved == "finetune"
+    fixed = "--arch, --pretrained, --n-ctx, --position, --csc" + ("" if step2_listed else ", --baseline, --weight-mode")
+    g = p.add_argument_group(
+        "model", f"The model is the one saved in --model DIR (its config.json): {fixed} are fixed by it. They "
+                 "are accepted with the saved value only; another value is an error.")
+    g.add_argument("--arch", **hidden)
+    g.add_argument("--pretrained", **hidden)
+    g.add_argument("--n-ctx", type=int, **hidden)
+    g.add_argument("--position", choices=["end", "middle", "front"], **hidden)
+    g.add_argument("--csc", action="store_true", **hidden)
+    if step2_listed:
+        g.add_argument("--baseline", default=None, choices=["clipood", "erm", "ueo"],
+                       help="step-2 baseline: clipood = margin 0.3 + BMA, erm, ueo (default: the one recorded in "
+                            "the model, i.e. given to train-experts)")
+        g.add_argument("--weight-mode", default=None, choices=["batch", "sample"],
+                       help="expert weights: batch mean (official) or per sample (paper Eq. 20) (default: the one "
+                            "recorded in the model)")
+    else:
+        g.add_argument("--baseline", choices=["clipood", "erm", "ueo"], **hidden)
+        g.add_argument("--weight-mode", choices=["batch", "sample"], **hidden)
+
+
+def _add_common(p, *, demo: bool = False, saved: str | None = None) -> None:
+    from .data.workers import default_workers
+
+    _add_data_options(p)
+    _add_model_options(p, demo=demo, saved=saved)
     g = p.add_argument_group("run")
     g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     g.add_argument("--seed", type=int, default=0, help="seed of splits, init and batches (default: 0)")
@@ -412,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_experts)
 
     p = sub.add_parser("finetune", help="step 2: fine-tune the vision encoder under expert guidance")
-    _add_common(p)
+    _add_common(p, saved="finetune")
     p.add_argument("--model", required=True, help="model folder written by train-experts (required)")
     p.add_argument("--iterations", type=int, default=None, help="steps (default: epochs x 400)")
     p.add_argument("--epochs", type=int, default=10, help="epochs of 400 steps (default: 10)")
@@ -423,9 +546,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="top-1 per target domain: ensemble, each expert, mean expert weights")
-    _add_common(p)
+    _add_common(p, saved="evaluate")
     p.add_argument("--model", required=True, help="model folder written by train-experts or finetune (required)")
-    p.add_argument("--with-sources", action="store_true", help="also evaluate the sources' step-2 images")
+    p.add_argument("--with-sources", action="store_true",
+                   help="also evaluate the sources' step-2 images, with the evaluation transform "
+                        "(default: the targets only)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench", help="benchmarks fast vs eager reference (see `guidg-fast bench --help`)",
@@ -442,6 +567,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     global _current_run
     _current_run = None
+    _apply_saved_model(args)
     _resolve_image_size(args)
     try:
         return int(args.func(args) or 0)

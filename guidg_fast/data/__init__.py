@@ -4,7 +4,7 @@ No DomainBed or Dassl dependency; folders are read with PIL, splits are seeded w
 """
 from .augment import RANDAUGMENT_OPS, BatchedRandAugment, RandAugmentPlan, normalize_uint8, randaugment_magnitudes
 from .folders import DOMAINBED_DATASETS, IMAGE_EXTENSIONS, CorruptImageError, DomainFolder, check_same_classes, load_domainbed
-from .imagenet_dg import IMAGENET_DG_FULL, build_imagenet_dg, read_classnames
+from .imagenet_dg import IMAGENET_DG_FULL, build_imagenet_dg, imagenet_dg_roots, is_imagenet_dg, read_classnames
 from .image_cache import ImageCacheStore
 from .loaders import domain_balanced_batches
 from .workers import default_workers
@@ -37,6 +37,8 @@ __all__ = [
     "domain_balanced_batches",
     "few_shot_split",
     "load_domainbed",
+    "imagenet_dg_roots",
+    "is_imagenet_dg",
     "multi_source_split",
     "read_classnames",
     "split_indices",

@@ -23,7 +23,15 @@ from typing import Callable
 from .folders import DomainFolder, _preview, _visible_dirs
 from .splits import DGSplit, few_shot_split
 
-__all__ = ["IMAGENET_DG_FULL", "IMAGENET_DG_SOURCES", "IMAGENET_DG_TARGETS", "build_imagenet_dg", "read_classnames"]
+__all__ = [
+    "IMAGENET_DG_FULL",
+    "IMAGENET_DG_SOURCES",
+    "IMAGENET_DG_TARGETS",
+    "build_imagenet_dg",
+    "imagenet_dg_roots",
+    "is_imagenet_dg",
+    "read_classnames",
+]
 
 IMAGENET_DG_SOURCES = ("imagenet", "imagenet_sketch", "imagenet_v2")
 IMAGENET_DG_TARGETS = ("imagenet_a", "imagenet_r", "imagenet_val")
@@ -94,6 +102,64 @@ def _normalise_target(target: str) -> str:
     if key in _TARGET_ALIASES:
         return _TARGET_ALIASES[key]
     raise ValueError(f"unknown ImageNet-DG target {target!r}; choose one of {list(IMAGENET_DG_TARGETS)}")
+
+
+# folder names of each dataset under one ImageNet-DG root: the official GuiDG layout (a, i, r, s, v2
+# under DomainBed's data/ImageNet/) first, then the CoOp DATASETS.md names
+_ROOT_FOLDERS = {
+    "imagenet_root": ("i", "imagenet"),
+    "sketch_root": ("s", "imagenet-sketch", "imagenet_sketch", "sketch"),
+    "v2_root": ("v2", "imagenetv2", "imagenet-v2", "imagenet_v2"),
+    "a_root": ("a", "imagenet-a", "imagenet_a", "imagenet-adversarial"),
+    "r_root": ("r", "imagenet-r", "imagenet_r", "imagenet-rendition"),
+}
+
+
+def is_imagenet_dg(dataset) -> bool:
+    """Whether a dataset name (e.g. a ``--dataset`` value) means ImageNet-DG."""
+    return isinstance(dataset, str) and dataset.lower().replace("-", "").replace("_", "") == "imagenetdg"
+
+
+def imagenet_dg_roots(root, target: str = "imagenet_a") -> dict:
+    """The folders of the ImageNet-DG datasets under one root, as ``build_imagenet_dg`` keywords.
+
+    ``root`` (or its ``ImageNet/`` folder, the official layout inside DomainBed's data folder)
+    holds one folder per dataset, named as in the official README or in CoOp's DATASETS.md
+    (case-insensitive):
+
+        i/ or imagenet/                     ImageNet, with train/ and val/ (CoOp: imagenet/images/train/)
+        s/ or imagenet-sketch/              ImageNet-Sketch
+        v2/ or imagenetv2/                  ImageNet-V2
+        a/ or imagenet-a/ or imagenet-adversarial/   ImageNet-A (needed for that target only)
+        r/ or imagenet-r/ or imagenet-rendition/     ImageNet-R (needed for that target only)
+    """
+    target = _normalise_target(target)
+    base = Path(root)
+    if not base.is_dir():
+        raise FileNotFoundError(f"ImageNet-DG root {str(base)!r} does not exist or is not a directory")
+    for name in _visible_dirs(base):
+        if name.lower() == "imagenet" and not (base / name / "train").is_dir() and not (base / name / "images").is_dir():
+            base = base / name  # root/ImageNet/{a,i,r,s,v2}: DomainBed's data folder was given
+            break
+    present = {d.lower(): base / d for d in _visible_dirs(base)}
+    needed = ["imagenet_root", "sketch_root", "v2_root"]
+    if target != "imagenet_val":
+        needed.append("a_root" if target == "imagenet_a" else "r_root")
+    roots, missing = {}, []
+    for argument in needed:
+        found = next((present[n] for n in _ROOT_FOLDERS[argument] if n in present), None)
+        if found is None:
+            missing.append("/".join(_ROOT_FOLDERS[argument][:3]))
+        roots[argument] = found
+    if missing:
+        raise FileNotFoundError(
+            f"ImageNet-DG root {str(base)!r} (target {target}) lacks the folder(s) {', '.join(missing)}; "
+            f"its folders: {_preview(_visible_dirs(base))}"
+        )
+    imagenet = roots["imagenet_root"]
+    if not (imagenet / "train").is_dir() and (imagenet / "images" / "train").is_dir():
+        roots["imagenet_root"] = imagenet / "images"  # CoOp: imagenet/images/{train,val}
+    return roots
 
 
 def build_imagenet_dg(
