@@ -120,3 +120,12 @@ TORCH_LIBRARY(guidg_fast, m) {
   // Returns dx (N, S, W) (zero except the EOT rows), d ln_weight, d ln_bias, d proj.
   m.def("eot_project_backward(Tensor grad_out, Tensor out, Tensor inv_norm, Tensor xhat, Tensor rstd, Tensor eot_index, Tensor x, Tensor ln_weight, Tensor ln_bias, Tensor proj) -> (Tensor, Tensor, Tensor, Tensor)");
 }
+
+// --- randaugment_uint8 (CPU) ---
+// RandAugment rounds on uint8 images (B, 3, H, W): op_ids (B, rounds) int64 (torchvision's op order),
+// magnitudes (B, rounds) float64 signed magnitudes, source_maps (maps, H * W) int32 (1 + source pixel,
+// 0 = fill) for ShearX / ShearY / Rotate, picked per (sample, round) by source_rows (B, rounds) int64;
+// fill: 3 levels. Returns a new contiguous uint8 batch (guidg_fast/ops/randaugment.py).
+TORCH_LIBRARY_FRAGMENT(guidg_fast, m) {
+  m.def("randaugment_uint8(Tensor images, Tensor op_ids, Tensor magnitudes, Tensor source_maps, Tensor source_rows, int[] fill) -> Tensor");
+}
