@@ -105,26 +105,42 @@ GF_ISA_INLINE void brightness(const uint8_t* src, uint8_t* dst, double magnitude
   apply_lut(src, dst, lut, pixels);
 }
 
-GF_ISA_INLINE void color(const uint8_t* src, uint8_t* dst, double magnitude, int64_t pixels) {
+// Straight-line float / double arithmetic (no table loads) on restrict pointers so the loop
+// vectorises (5-10x faster than the scalar loop); gray * alpha is exact in double and shared by the
+// three channels.
+GF_ISA_INLINE void color_exact(const uint8_t* __restrict r, const uint8_t* __restrict g,
+                               const uint8_t* __restrict b, uint8_t* __restrict dr, uint8_t* __restrict dg,
+                               uint8_t* __restrict db, float ratio, float complement, int64_t pixels) {
+  const double alpha = complement;
+  for (int64_t i = 0; i < pixels; ++i) {
+    const double gray_alpha = static_cast<double>(grayscale_floor(r[i], g[i], b[i])) * alpha;
+    const float sr = static_cast<float>(r[i]) * ratio, sg = static_cast<float>(g[i]) * ratio;
+    const float sb = static_cast<float>(b[i]) * ratio;
+    dr[i] = clamp_to_level(static_cast<float>(static_cast<double>(sr) + gray_alpha));
+    dg[i] = clamp_to_level(static_cast<float>(static_cast<double>(sg) + gray_alpha));
+    db[i] = clamp_to_level(static_cast<float>(static_cast<double>(sb) + gray_alpha));
+  }
+}
+
+GF_ISA_INLINE void color(const uint8_t* src, uint8_t* dst, double magnitude, int64_t pixels, uint8_t* scratch) {
   const Factors f = factors(magnitude);
-  // image * ratio depends on the level only: a float table (exact products, rounded once as torch does)
-  float scaled[256];
-  for (int v = 0; v < 256; ++v) scaled[v] = static_cast<float>(v) * f.ratio;
-  const bool exact = blend_factor_is_exact(f.ratio) && blend_factor_is_exact(f.complement);
+  if (blend_factor_is_exact(f.ratio) && blend_factor_is_exact(f.complement)) {
+    // restrict needs distinct buffers: in place, the input goes to scratch first
+    if (src == dst) {
+      std::memcpy(scratch, src, 3 * pixels);
+      src = scratch;
+    }
+    color_exact(src, src + pixels, src + 2 * pixels, dst, dst + pixels, dst + 2 * pixels, f.ratio, f.complement,
+                pixels);
+    return;
+  }
   const uint8_t *r = src, *g = src + pixels, *b = src + 2 * pixels;
   uint8_t *dr = dst, *dg = dst + pixels, *db = dst + 2 * pixels;
   for (int64_t i = 0; i < pixels; ++i) {
-    const int rv = r[i], gv = g[i], bv = b[i];
-    const float gray = static_cast<float>(grayscale_floor(rv, gv, bv));
-    if (exact) {
-      dr[i] = clamp_to_level(fma_exact(gray, f.complement, scaled[rv]));
-      dg[i] = clamp_to_level(fma_exact(gray, f.complement, scaled[gv]));
-      db[i] = clamp_to_level(fma_exact(gray, f.complement, scaled[bv]));
-    } else {
-      dr[i] = clamp_to_level(std::fmaf(gray, f.complement, scaled[rv]));
-      dg[i] = clamp_to_level(std::fmaf(gray, f.complement, scaled[gv]));
-      db[i] = clamp_to_level(std::fmaf(gray, f.complement, scaled[bv]));
-    }
+    const float gray = static_cast<float>(grayscale_floor(r[i], g[i], b[i]));
+    dr[i] = clamp_to_level(std::fmaf(gray, f.complement, static_cast<float>(r[i]) * f.ratio));
+    dg[i] = clamp_to_level(std::fmaf(gray, f.complement, static_cast<float>(g[i]) * f.ratio));
+    db[i] = clamp_to_level(std::fmaf(gray, f.complement, static_cast<float>(b[i]) * f.ratio));
   }
 }
 
@@ -272,7 +288,7 @@ GF_ISA_INLINE void run_sample_body(const uint8_t* src, uint8_t* out, uint8_t* sc
         translate(current, target, 0, static_cast<int64_t>(m), fill, im);
         break;
       case kBrightness: brightness(current, target, m, P); break;
-      case kColor: color(current, target, m, P); break;
+      case kColor: color(current, target, m, P, current == out ? scratch : out); break;
       case kContrast: contrast(current, target, m, P); break;
       case kSharpness: sharpness(current, target, m, im); break;
       case kPosterize: posterize(current, target, m, P); break;

@@ -141,6 +141,14 @@ def _parse_fill(fill) -> tuple[int, int, int]:
     return tuple(levels * 3) if len(levels) == 1 else tuple(levels)
 
 
+def _cpu_kernel():
+    """guidg_fast.ops.randaugment.randaugment_uint8, or None when the extension is not built (then CPU
+    tensors take the batched torch ops too). Tests replace it to run the torch path on CPU."""
+    from ..ops import randaugment
+
+    return randaugment.randaugment_uint8 if randaugment.kernel_available() else None
+
+
 # --- affine ops -------------------------------------------------------------------------------------
 
 def _inverse_affine_matrix(center, angle: float, translate, shear) -> tuple[float, ...]:
@@ -495,6 +503,9 @@ class BatchedRandAugment:
         if batch == 0 or op_ids.shape[1] == 0:
             return images.clone(memory_format=torch.contiguous_format)
 
+        if images.device.type == "cpu" and _cpu_kernel() is not None:
+            return self._apply_cpu_kernel(images, op_ids, magnitudes)
+
         device = images.device
         fill = torch.tensor(self.fill, dtype=torch.uint8, device=device).view(1, 3)
         op_ids, magnitudes = op_ids.cpu(), magnitudes.cpu().to(torch.float64)
@@ -524,6 +535,27 @@ class BatchedRandAugment:
                 if result.data_ptr() != group.data_ptr():  # ops that cannot work in place (translate)
                     group.copy_(result)
         return x.index_select(0, torch.argsort(holder).to(device))
+
+    def _apply_cpu_kernel(self, images: torch.Tensor, op_ids: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
+        """CPU: one C++ task per sample (csrc/cpu/randaugment.cpp); the affine ops gather through the
+        same cached source-index maps as the torch path, one map per distinct matrix."""
+        batch, _, height, width = images.shape
+        op_ids = op_ids.to(torch.int64).contiguous()
+        magnitudes = magnitudes.to(torch.float64).contiguous()
+        source_rows = torch.full(op_ids.shape, -1, dtype=torch.int64)
+        affine = (op_ids == _OP_ID["ShearX"]) | (op_ids == _OP_ID["ShearY"]) | (op_ids == _OP_ID["Rotate"])
+        positions = affine.nonzero().tolist()
+        if positions:
+            ids, values = op_ids.tolist(), magnitudes.tolist()
+            keys = [(ids[i][r], values[i][r]) for i, r in positions]
+            distinct = list(dict.fromkeys(keys))
+            row_of = {key: row for row, key in enumerate(distinct)}
+            matrices = [_affine_matrix_for(op_id, m, height, width) for op_id, m in distinct]
+            source_maps = self._source_indices.lookup(matrices, height, width, images.device)
+            source_rows[affine] = torch.tensor([row_of[key] for key in keys], dtype=torch.int64)
+        else:
+            source_maps = torch.empty(0, height * width, dtype=torch.int32)
+        return _cpu_kernel()(images.contiguous(), op_ids, magnitudes, source_maps, source_rows, self.fill)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         _check_images(images)
