@@ -33,6 +33,20 @@ MAX_LEVELS = 1
 MAX_DIFFERING_FRACTION = 0.01
 
 
+@pytest.fixture(params=["kernel", "torch_ops"])
+def cpu_path(request, monkeypatch):
+    """Runs a test on each CPU implementation: the C++ kernel (csrc/cpu/randaugment.cpp, the default
+    for CPU tensors) and the batched torch ops (the CUDA path), forced onto CPU tensors."""
+    import guidg_fast.data.augment as augment_module
+
+    if request.param == "kernel":
+        if augment_module._cpu_kernel() is None:
+            pytest.skip("guidg_fast._C is not built")
+    else:
+        monkeypatch.setattr(augment_module, "_cpu_kernel", lambda: None)
+    return request.param
+
+
 def _images(batch, height, width, seed, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (batch, 3, height, width), dtype=torch.uint8, generator=g)
@@ -77,7 +91,7 @@ def _single_op_plan(op_id, height, width, bins_and_signs):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("size", [(31, 47), (64, 64), (2, 5)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("name", RANDAUGMENT_OPS)
-def test_each_op_matches_torchvision(name, size, device):
+def test_each_op_matches_torchvision(name, size, device, cpu_path):
     height, width = size
     op_id = RANDAUGMENT_OPS.index(name)
     signs = (1, -1) if SIGNED[name] else (1,)
@@ -157,7 +171,7 @@ def test_draw_distribution_matches_torchvision():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_seeded_reproducibility(device):
+def test_seeded_reproducibility(device, cpu_path):
     augment = BatchedRandAugment()
     images = _images(12, 40, 36, seed=3, device=device)
     first = augment(images, torch.Generator().manual_seed(7))
@@ -170,7 +184,7 @@ def test_seeded_reproducibility(device):
     assert torch.equal(augment.apply(images, plan), first)
 
 
-def test_rounds_compose_as_single_ops_in_sequence():
+def test_rounds_compose_as_single_ops_in_sequence(cpu_path):
     augment = BatchedRandAugment(num_ops=3)
     images = _images(24, 33, 29, seed=4)
     plan = augment.draw(24, 33, 29, torch.Generator().manual_seed(5))
@@ -184,7 +198,7 @@ def test_rounds_compose_as_single_ops_in_sequence():
     assert torch.equal(combined, step)
 
 
-def test_strided_inputs_give_the_same_result():
+def test_strided_inputs_give_the_same_result(cpu_path):
     augment = BatchedRandAugment()
     images = _images(10, 30, 26, seed=6)
     plan = augment.draw(10, 30, 26, torch.Generator().manual_seed(9))
@@ -195,7 +209,7 @@ def test_strided_inputs_give_the_same_result():
         assert torch.equal(augment.apply(view, plan), expected)
 
 
-def test_empty_batch_and_zero_ops():
+def test_empty_batch_and_zero_ops(cpu_path):
     images = _images(4, 8, 8, seed=0)
     none = BatchedRandAugment(num_ops=0)(images, torch.Generator().manual_seed(0))
     assert torch.equal(none, images) and none.data_ptr() != images.data_ptr()
@@ -278,7 +292,7 @@ def test_normalize_uint8_bad_arguments_are_named():
         normalize_uint8(images, CLIP_MEAN, CLIP_STD, out=torch.empty(2, 3, 4, 5))
 
 
-def test_pickled_transform_and_threads_give_the_same_result():
+def test_pickled_transform_and_threads_give_the_same_result(cpu_path):
     import pickle
     import threading
 
