@@ -16,6 +16,10 @@ random part to whole batches with torch ops, so it runs the same on CPU and CUDA
   Brightness / Color / Contrast / Sharpness / AutoContrast: torchvision's float32 math with per-sample
   factor tensors; Posterize: a bit mask; Solarize: sign arithmetic on int16; Equalize: one bincount
   histogram for all (sample, channel) rows and a lookup-table gather.
+- CPU tensors (when guidg_fast._C is built) take the C++ kernel instead
+  (``guidg_fast.ops.randaugment``, csrc/cpu/randaugment.cpp): one task per sample runs its rounds with
+  lookup tables and gathers on uint8, through the same cached source-index maps; it is bit-exact with
+  torchvision for every op (Color included: it reproduces torchvision's fused multiply-add exactly).
 - ``normalize_uint8`` turns the uint8 result into the normalised float batch (one widening copy and an
   in-place multiply-add).
 """
