@@ -1,1 +1,1 @@
-"""Benchmarks of guidg-fast against the eager reference (``python -m bench``)."""
+"""Benchmarks of guidg-fast against the eager reference (``guidg-fast bench``, ``python -m guidg_fast.bench``)."""

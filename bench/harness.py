@@ -8,6 +8,8 @@ An entry module in ``bench/entries/`` defines ``ENTRY = Entry(...)``:
             are compared between providers for the parity figure
   work      work(case) -> {"flops": float} and/or {"bytes": float} moved per call
   backend   backend(case, device) -> the backend name the fast provider runs (e.g. ops.choose(...))
+  memory    memory(case, provider, device) -> estimated peak bytes of one call of that provider in a
+            fresh process (model included); cases that do not fit the free memory are skipped
 Providers are "reference" (guidg_fast.reference, official loop structure) and "fast".
 """
 from __future__ import annotations
@@ -48,6 +50,14 @@ class Entry:
     # outputs are ill-conditioned in fp32 (the fp32 reference itself is ~1e-5 off), parity is the
     # fast path against this oracle, and the fp32 reference's own error is reported beside it.
     oracle: Callable[[dict, str], tuple] | None = None
+    # memory(case, provider, device) -> estimated peak bytes of one call in a fresh process, model
+    # and inputs included. None: the entry's cases are small (well under 1 GB) and are not checked.
+    memory: Callable[[dict, str, str], float] | None = None
+    # release() drops what the entry module caches between calls (models), before a memory child
+    release: Callable[[], None] | None = None
+    # run(device, quick, log) -> rows: an entry that is not one callable per provider (a whole
+    # training run with its own phases); it does its own timing and writes rows run_entry's way
+    run: Callable[[str, bool, Callable], list] | None = None
 
 
 _PACKAGE = __package__ or "bench"  # "bench" in a checkout, "guidg_fast.bench" when installed
@@ -145,12 +155,7 @@ def _maxrss_bytes() -> int:
 def _reset_peak_rss() -> None:
     """Lower the peak-RSS mark to the current RSS (Linux: write 5 to /proc/self/clear_refs), so that
     the memory freed after building the inputs (model init temporaries) does not hide the call's peak."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    _malloc_trim()
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -176,27 +181,125 @@ def peak_memory_child(entry_name: str, case: dict, provider: str, device: str) -
     return max(0, _maxrss_bytes() - base)
 
 
-def peak_memory(entry_name: str, case: dict, provider: str, device: str) -> int | None:
-    """Runs ``peak_memory_child`` in a fresh interpreter so earlier allocations do not hide the peak
-    (on CUDA the caching allocator's own peak counter is exact, so it runs in this process)."""
+GiB = 1024**3
+# left free beside a case's estimate: the OS, the page cache a run touches, the estimates' error
+MEMORY_HEADROOM = 1 * GiB
+
+
+def available_memory(device: str) -> int | None:
+    """Bytes a new allocation can get now: MemAvailable (Linux) on CPU, the free device memory on
+    CUDA; None where it cannot be read (the memory check is then skipped)."""
     if device.startswith("cuda"):
-        gc.collect()
+        return torch.cuda.mem_get_info()[0]
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def release_memory(entry: "Entry | None" = None, device: str = "cpu") -> None:
+    """Hands memory this process no longer uses back to the OS before a memory child (or the next
+    case) needs it: the entry's cached models, garbage, CUDA's cached blocks and glibc's free heap
+    pages. With the allocator settled (settle_allocator) glibc keeps freed blocks up to 32 MiB in its
+    heap, and after a ViT-B/16 text pass at C = 200 that heap held gigabytes; malloc_trim returns
+    the free pages inside it too, not only those at its top."""
+    if entry is not None and entry.release is not None:
+        entry.release()
+    gc.collect()
+    if device.startswith("cuda"):
         torch.cuda.empty_cache()
-        return peak_memory_child(entry_name, case, provider, device)
+    _malloc_trim()
+
+
+def memory_shortfall(need: float | None, device: str, what: str) -> str | None:
+    """None when ``need`` bytes fit the free memory (less MEMORY_HEADROOM), else the reason to skip."""
+    if need is None:
+        return None
+    free = available_memory(device)
+    if free is None or need <= free - MEMORY_HEADROOM:
+        return None
+    source = "free CUDA memory" if device.startswith("cuda") else "MemAvailable"
+    return (f"{what} needs ~{need / GiB:.1f} GB, {free / GiB:.1f} GB available ({source}, "
+            f"{MEMORY_HEADROOM / GiB:.0f} GB kept free)")
+
+
+def describe_child_failure(returncode: int, stderr: str) -> str:
+    """Why a child process failed, in words: its exit signal (SIGKILL is almost always the kernel's
+    out-of-memory killer) or the last lines of its error output."""
+    import signal
+
+    sig = -returncode if returncode < 0 else (returncode - 128 if returncode > 128 else None)
+    if sig is not None:
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = "unknown signal"
+        why = f"killed by signal {sig} ({name})"
+        if sig == signal.SIGKILL:
+            why += ": most likely out of memory (the kernel's OOM killer; see dmesg)"
+        tail = stderr.strip().splitlines()[-3:]
+        return why + (f"; last output: {' | '.join(tail)}" if tail else "")
+    tail = [line for line in stderr.strip().splitlines() if line.strip()][-3:]
+    if not tail:
+        return f"exit status {returncode}, no error output"
+    return f"exit status {returncode}: " + " | ".join(tail)
+
+
+def run_child(code: str, args: list[str], timeout: float = 1800) -> tuple[str | None, str | None]:
+    """Runs ``python -c code *args`` from the repository root; returns (its last stdout line, None)
+    or (None, why it failed)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=root, timeout=timeout,
+            env={**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")},
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout:.0f} s"
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        return None, describe_child_failure(proc.returncode, proc.stderr)
+    return lines[-1], None
+
+
+def peak_memory(entry_name: str, case: dict, provider: str, device: str, log=print) -> tuple[int | None, str | None]:
+    """Runs ``peak_memory_child`` in a fresh interpreter so earlier allocations do not hide the peak
+    (on CUDA the caching allocator's own peak counter is exact, so it runs in this process).
+    Returns (bytes, None), or (None, why there is no measurement)."""
+    entry = load_entry(entry_name)
+    need = entry.memory(case, provider, device) if entry.memory is not None else None
+    short = memory_shortfall(need, device, f"the {provider} call")
+    if short is not None:
+        return None, "skipped: " + short
+    if device.startswith("cuda"):
+        release_memory(entry, device)
+        try:
+            return peak_memory_child(entry_name, case, provider, device), None
+        except torch.cuda.OutOfMemoryError as exc:
+            return None, f"CUDA out of memory: {str(exc).splitlines()[0]}"
     code = (
         f"import json,sys; from {_PACKAGE}.harness import peak_memory_child; "
         "a=json.loads(sys.argv[1]); print(peak_memory_child(a['e'], a['c'], a['p'], a['d']))"
     )
-    args = json.dumps({"e": entry_name, "c": case, "p": provider, "d": device})
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(
-        [sys.executable, "-c", code, args], capture_output=True, text=True, cwd=root, timeout=1800,
-        env={**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")},
-    )
-    if proc.returncode != 0:
-        print(f"  [memory] {entry_name} {provider}: measurement failed: {proc.stderr.strip()[-300:]}", file=sys.stderr)
-        return None
-    return int(proc.stdout.strip().splitlines()[-1])
+    out, why = run_child(code, [json.dumps({"e": entry_name, "c": case, "p": provider, "d": device})])
+    if why is not None:
+        if need is not None:
+            why += f" (estimated need ~{need / GiB:.1f} GB)"
+        return None, "measurement failed: " + why
+    return int(out), None
 
 
 # glibc's malloc serves a request above its mmap threshold (128 KiB at start) with a fresh mapping and
@@ -241,9 +344,35 @@ def machine_rates(device: str, quick: bool) -> dict:
     }
 
 
-def run_entry(entry: Entry, device: str, quick: bool, measure_memory: bool = True, log=print) -> list[dict]:
+def skipped_row(entry: Entry, case: dict, device: str, reason: str) -> dict:
+    return {"entry": entry.name, "case": case, "device": device, "skipped": reason}
+
+
+def run_entry(entry: Entry, device: str, quick: bool, measure_memory: bool = True, log=print,
+              on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Times every case of ``entry``; ``on_row(row)`` is called as each case finishes (the runner
+    writes its results there, so a run stopped part-way keeps what it measured). A case whose
+    estimated memory does not fit is skipped with a row that says why (``row["skipped"]``)."""
+    if entry.run is not None:
+        rows = entry.run(device, quick, log)
+        for row in rows:
+            if on_row is not None:
+                on_row(row)
+        return rows
     rows = []
     for case in entry.cases(quick):
+        release_memory(entry, device)  # what the previous case left in this process's heap
+        need = None
+        if entry.memory is not None:
+            need = sum(entry.memory(case, provider, device) for provider in PROVIDERS)
+        short = memory_shortfall(need, device, "timing both providers")
+        if short is not None:
+            log(f"  [skip] {entry.name} {case}: {short}")
+            row = skipped_row(entry, case, device, short)
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+            continue
         row = {"entry": entry.name, "case": case, "device": device, "backend": entry.backend(case, device)}
         settle_allocator()
         fns = {provider: entry.make(case, provider, device) for provider in PROVIDERS}
@@ -260,19 +389,18 @@ def run_entry(entry: Entry, device: str, quick: bool, measure_memory: bool = Tru
         timings = time_alternating(fns, device, warmup=2 if device.startswith("cuda") else 1, repeats=repeats,
                                    rounds=1 if quick else TIMING_ROUNDS)
         del fns
-        gc.collect()
         for provider in PROVIDERS:
             row[provider] = timings[provider]
-            if measure_memory:
-                row[provider]["peak_bytes"] = peak_memory(entry.name, case, provider, device)
         row["speedup"] = row["reference"]["median_ms"] / row["fast"]["median_ms"]
         if entry.oracle is not None:
             exact = entry.oracle(case, device)
             row["parity_max_rel_err"] = max_rel_err(outputs["fast"], exact)
             row["parity_vs"] = "float64 reference"
             row["reference_rel_err"] = max_rel_err(outputs["reference"], exact)
+            del exact
         else:
             row["parity_max_rel_err"] = max_rel_err(outputs["fast"], outputs["reference"])
+        del outputs
         work = entry.work(case)
         for key, unit, scale in (("flops", "gflops", 1e9), ("bytes", "gbps", 1e9)):
             if key in work:
@@ -280,6 +408,16 @@ def run_entry(entry: Entry, device: str, quick: bool, measure_memory: bool = Tru
                     row[provider][unit] = work[key] / (row[provider]["median_ms"] * 1e-3) / scale
         if entry.extras is not None:
             row.update(entry.extras(case, device, quick))
+        if measure_memory:
+            # after the timing and the extras, with this process's memory handed back: the child
+            # runs beside this process, and both must fit
+            release_memory(entry, device)
+            for provider in PROVIDERS:
+                peak, why = peak_memory(entry.name, case, provider, device)
+                row[provider]["peak_bytes"] = peak
+                if why is not None:
+                    row[provider]["peak_note"] = why
+                    log(f"  [memory] {entry.name} {case} {provider}: {why}")
         ref_mem, fast_mem = row["reference"].get("peak_bytes"), row["fast"].get("peak_bytes")
         if ref_mem and fast_mem:
             row["memory_ratio"] = ref_mem / max(fast_mem, 1)
@@ -289,6 +427,9 @@ def run_entry(entry: Entry, device: str, quick: bool, measure_memory: bool = Tru
             f"parity {row['parity_max_rel_err']:.1e}"
         )
         rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    release_memory(entry, device)
     return rows
 
 
@@ -307,6 +448,11 @@ def machine_info(device: str) -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
+    try:
+        with open("/proc/cpuinfo") as fh:
+            info["cpu_model"] = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), None)
+    except OSError:
+        info["cpu_model"] = None
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     return info

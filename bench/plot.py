@@ -1,6 +1,6 @@
 """Plots a bench JSON: speedup per entry, and time vs number of classes C for the C-swept entries.
 
-    python -m bench.plot RESULTS.json [--out PNG]
+    python -m guidg_fast.bench.plot RESULTS.json [--out PNG]
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def plot(result: dict, out: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["rows"]
+    rows = [r for r in result["rows"] if r.get("speedup")]  # skipped cases have no bars
     cases = defaultdict(list)
     for r in rows:
         cases[r["entry"]].append(r["case"])
@@ -79,8 +79,8 @@ def plot(result: dict, out: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.plot", description=__doc__)
-    parser.add_argument("results", help="a JSON file written by python -m bench")
+    parser = argparse.ArgumentParser(prog="python -m guidg_fast.bench.plot", description=__doc__)
+    parser.add_argument("results", help="a latest.json written by guidg-fast bench")
     parser.add_argument("--out", default=None, help="PNG path (default: the JSON path with .png)")
     args = parser.parse_args(argv)
     with open(args.results) as fh:

@@ -6,10 +6,38 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu_isa.h"
+
+namespace {
+
+// _C.cpu_isa() -> "avx512" | "avx2" | "baseline": what the CPU row loops run now
+PyObject* py_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(guidg_fast::isa_name(guidg_fast::cpu_isa())); }
+
+// _C.set_cpu_isa_cap(name): caps the CPU row loops as GUIDG_FAST_CPU_ISA does (tests run every path)
+PyObject* py_set_cpu_isa_cap(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  try {
+    guidg_fast::set_cpu_isa_cap(guidg_fast::parse_isa(name));
+  } catch (const std::invalid_argument& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyMethodDef module_methods[] = {
+    {"cpu_isa", py_cpu_isa, METH_NOARGS, "the ISA the CPU row loops use now"},
+    {"set_cpu_isa_cap", py_set_cpu_isa_cap, METH_O, "cap the CPU row loops at avx512, avx2 or baseline"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" {
 // Importing guidg_fast._C loads this library, which runs the TORCH_LIBRARY registrations below.
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "guidg_fast C++/CUDA kernels", -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "guidg_fast C++/CUDA kernels", -1,
+                                          module_methods};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
 #ifdef GUIDG_FAST_WITH_CUDA

@@ -48,7 +48,8 @@ def cmd_info(args) -> int:
     print(f"python {data['python']}  torch {data['torch']} (CUDA {data['torch_cuda']}, "
           f"GPU available: {data['cuda_available']})  triton {data['triton']}  open_clip {data['open_clip']}")
     if ext["built"]:
-        print(f"extension guidg_fast._C: built, CUDA kernels {'compiled in' if ext['with_cuda'] else 'NOT compiled'}")
+        print(f"extension guidg_fast._C: built, CUDA kernels {'compiled in' if ext['with_cuda'] else 'NOT compiled'}, "
+              f"CPU loops {ext['cpu_isa']} (GUIDG_FAST_CPU_ISA caps them)")
     else:
         print(f"extension guidg_fast._C: NOT built ({ext['error']})")
     if data["forced_backend"]:

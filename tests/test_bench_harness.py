@@ -1,6 +1,6 @@
-"""The benchmark harness's timing: reference and fast take turns in blocks (a slow minute of a
-shared machine then lands on both sides of a ratio), in a process whose allocator is in a training
-process's steady state."""
+"""The benchmark harness: its timing (reference and fast take turns in blocks, so a slow minute of a
+shared machine lands on both sides of a ratio, in a process whose allocator is in a training
+process's steady state), its memory check and its report of a failed memory measurement."""
 import subprocess
 import sys
 
@@ -55,3 +55,46 @@ def test_settle_allocator_stops_the_eager_reference_page_faulting(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     faults = float(proc.stdout.strip().splitlines()[-1])
     assert faults < 300, f"{faults} minor page faults per reference call after settle_allocator()"
+
+
+def test_a_killed_memory_child_says_it_was_killed():
+    # the child SIGKILLs itself, as the OOM killer would: the report names the signal and the likely cause
+    out, why = harness.run_child("import os, signal; print('started'); os.kill(os.getpid(), signal.SIGKILL)", [])
+    assert out is None
+    assert "signal 9" in why and "SIGKILL" in why and "out of memory" in why
+
+
+def test_a_failing_memory_child_reports_its_error_text():
+    out, why = harness.run_child("raise ValueError('case C=200 is malformed')", [])
+    assert out is None and "exit status 1" in why and "ValueError: case C=200 is malformed" in why
+    assert harness.run_child("print(41 + 1)", [])[0] == "42"
+
+
+def test_a_case_that_does_not_fit_is_skipped_with_the_reason(monkeypatch):
+    made = []
+    entry = harness.Entry(name="huge", cases=lambda quick: [{"C": 1}], make=lambda *a: made.append(a),
+                          memory=lambda case, provider, device: 1e9)
+    monkeypatch.setattr(harness, "available_memory", lambda device: int(1.5e9))
+    seen, log = [], []
+    rows = harness.run_entry(entry, "cpu", quick=True, on_row=seen.append, log=log.append)
+    assert made == [] and rows == seen and len(rows) == 1
+    assert "needs ~1.9 GB" in rows[0]["skipped"] and "1.4 GB available (MemAvailable" in rows[0]["skipped"]
+    assert "[skip] huge" in log[0]
+
+
+def test_guidg_run_quick_reports_both_sides_with_phase_shares(tmp_path, monkeypatch):
+    from guidg_fast.bench.entries import guidg_run
+
+    monkeypatch.setenv("GUIDG_FAST_BENCH_DATA", str(tmp_path))
+    (row,) = guidg_run.run("cpu", quick=True, log=lambda *a: None)
+    assert len(list(tmp_path.glob("640x480-n1/sketch/*/*.jpg"))) == len(guidg_run.CLASSES)
+    for side in ("reference", "fast"):
+        r = row[side]
+        assert r["step2_s_per_iter"] > 0 and r["eval_img_per_s"] > 0 and r["step1_s_per_iter"] > 0
+        assert set(r["step2_phase_share"]) == set(guidg_run.PHASES)
+        assert abs(sum(r["step2_phase_share"].values()) - 1) < 1e-6
+        assert r["step2_phase_share"]["encoder"] > 0 and r["step2_phase_share"]["optimizer"] > 0
+        assert abs(sum(r["eval_phase_share"].values()) - 1) < 1e-6
+    assert row["pipeline"]["official_step2_img_per_s_per_core"] > 0
+    assert row["speedup"] == row["reference"]["median_ms"] / row["fast"]["median_ms"]
+    assert "step 2 share: guidance" in row["summary_md"]

@@ -65,14 +65,15 @@ def test_ensemble_logits_matches_reference(backend, per_sample, poison):
         _check(backend, *_inputs(*shape, per_sample))
 
 
-def test_ensemble_logits_ext_mix_then_gemm_path(poison, monkeypatch):
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_ensemble_logits_ext_mix_then_gemm_path(poison, isa):
     # float32 batch weights take a fused AVX-512 tile path where the CPU has it; check the portable
-    # path (mix, then one GEMM) too
+    # path (mix, then one GEMM) too, with its AVX2 and baseline row loops
     if "ext" not in _backend.available("ensemble_logits", "cpu"):
         pytest.skip("guidg_fast._C not built")
-    monkeypatch.setenv("GUIDG_FAST_CPU_AVX512", "0")
-    for shape in EXT_SHAPES:
-        _check("ext", *_inputs(*shape, per_sample=False))
+    with _backend.cpu_isa_cap(isa):
+        for shape in EXT_SHAPES:
+            _check("ext", *_inputs(*shape, per_sample=False))
 
 
 @pytest.mark.parametrize("backend", cpu_backends("ensemble_logits"))

@@ -76,7 +76,9 @@ def test_views1_is_exact(model, data):
 def test_views_are_seeded_and_differ(model, data):
     a = ImageFeatureCache(model, data, transform=FlipNoise(), views=3, batch_size=4, seed=5).load_or_build()
     b = ImageFeatureCache(model, data, transform=FlipNoise(), views=3, batch_size=7, seed=5).load_or_build()
-    assert torch.equal(a.features, b.features)  # independent of batching
+    # independent of batching up to rounding: the encoder's GEMMs with 4 vs 7 rows may round differently
+    # (AVX2-only CPUs: up to ~1e-7 on these unit-norm features), so not bitwise
+    torch.testing.assert_close(a.features, b.features, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(a.features[0], a.features[1])
     c = ImageFeatureCache(model, data, transform=FlipNoise(), views=3, seed=6).load_or_build()
     assert not torch.allclose(a.features, c.features)

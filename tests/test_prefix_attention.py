@@ -220,11 +220,15 @@ def test_prefix_attention_fused_matches_eager(backend, fused_qkv, poison):
             assert_close(g, w, f"grad {name} {shape}")
 
 
-def test_prefix_attention_ext_portable_clone(poison, monkeypatch):
+def test_prefix_attention_ext_portable_clone(poison):
     """The C++ CPU kernels are compiled for AVX2 and for the baseline ISA; run the baseline one too."""
     if "ext" not in _backend.available("prefix_attention", "cpu"):
         pytest.skip("guidg_fast._C has no prefix_attention kernel")
-    monkeypatch.setenv("GUIDG_FAST_CPU_ISA", "baseline")
+    with _backend.cpu_isa_cap("baseline"):
+        _check_portable_clone()
+
+
+def _check_portable_clone():
     for shape in (ATTN_SHAPES[1], ATTN_SHAPES[4], ATTN_SHAPES[5]):
         inputs = _attn_inputs(shape, fused_qkv=True)
         grad_out = torch.randn(inputs[0].shape)

@@ -84,3 +84,41 @@ def text_pass_flops(arch: str, C: int, K: int, n_ctx: int = 16, backward: bool =
     # with a generic context at the end the suffix inputs are frozen: no input gradient of layer 0's QKV
     dense_backward = dense - T * qkv
     return float(dense + dense_backward + 3 * attention + 2 * head)
+
+
+_RUNTIME_BYTES = 0.4e9  # interpreter + torch + open_clip in a fresh process, before any model
+
+
+def _param_bytes(cfg: dict, tower: str) -> float:
+    """fp32 bytes of a tower's weights (12 * width^2 per layer: QKV, out, 4x MLP), embeddings aside."""
+    c = cfg[tower]
+    return 4.0 * 12 * c["layers"] * c["width"] ** 2
+
+
+def text_pass_bytes(arch: str, K: int, C: int, provider: str) -> float:
+    """Estimated peak bytes of one expert text pass forward + backward in a fresh process (the
+    harness's memory check). The reference keeps every layer's activations of K * C full 77-token
+    sequences: ~13 (context, width) fp32 tensors per layer and sequence, calibrated on the committed
+    CPU measurements (ViT-B-16 text tower: 5.2 GB at K * C = 195, 14.9 GB at 600, i.e. 24 MB per
+    sequence). The fast pass keeps the suffix tokens only: 1.5 MB per sequence measured, 8% of the
+    reference's counted here for margin."""
+    cfg = text_config(arch)
+    text = cfg["text_cfg"]
+    per_sequence = 13 * text["layers"] * text.get("context_length", 77) * text["width"] * 4
+    if provider == "fast":
+        per_sequence *= 0.08
+    return _RUNTIME_BYTES + _param_bytes(cfg, "text_cfg") + K * C * per_sequence
+
+
+def vision_step_bytes(arch: str, B: int) -> float:
+    """Estimated peak bytes of a vision-encoder training step on B images in a fresh process: the
+    full CLIP's weights, the trained copy with its gradient and two AdamW moments, a BMA copy, and
+    ~14 (tokens, width) fp32 activations per layer and image (calibrated on ViT-B/16, 36 images:
+    4.9 GB measured on CPU, 6.4 GB estimated)."""
+    cfg = text_config(arch)
+    vision = cfg["vision_cfg"]
+    size = vision["image_size"] if isinstance(vision["image_size"], int) else vision["image_size"][0]
+    tokens = (size // vision["patch_size"]) ** 2 + 1
+    weights = _param_bytes(cfg, "vision_cfg")
+    activations = B * 14 * vision["layers"] * tokens * vision["width"] * 4
+    return _RUNTIME_BYTES + _param_bytes(cfg, "text_cfg") + 6 * weights + activations

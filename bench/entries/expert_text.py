@@ -44,4 +44,5 @@ ENTRY = Entry(
     name="expert_text", cases=cases, make=make, work=work,
     backend=lambda case, device: ops.choose("prefix_attention", torch.device(device)),
     repeats=2, quick_repeats=2, fast_repeats=7,
+    memory=lambda case, provider, device: common.text_pass_bytes(case["arch"], case["K"], case["C"], provider),
 )

@@ -79,8 +79,16 @@ def work(case):
     return {"flops": common.text_pass_flops(case["arch"], C, K) + 2 * 2 * K * B * C * D}
 
 
+def memory(case, provider, device):
+    """The text pass (the reference's dominates: ~15 GB at K * C = 600) plus the vision tower, the
+    images and, for fast, the feature cache (common.text_pass_bytes)."""
+    images = case["K"] * case["B"] * 3 * 224 * 224 * 4
+    return common.text_pass_bytes(case["arch"], case["K"], case["C"], provider) + 0.4e9 + 2 * images
+
+
 ENTRY = Entry(
     name="step1_iteration", cases=cases, make=make, work=work,
     backend=lambda case, device: ops.choose("prefix_attention", torch.device(device)),
     repeats=2, quick_repeats=2, fast_repeats=7,
+    memory=memory,
 )

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..harness import Entry, time_fn
+from . import _text_common as common
 from . import cmattn_loss
 from guidg_fast import CrossModalAttention, ops, reference
 from guidg_fast.averaging import BetaMovingAverage
@@ -118,4 +119,6 @@ def _backend_label(device):
 ENTRY = Entry(
     name="step2_iteration", cases=cases, make=make, extras=extras, repeats=3, quick_repeats=2,
     backend=lambda case, device: _backend_label(device),
+    memory=lambda case, provider, device: common.vision_step_bytes(case["arch"], case["B"]),
+    release=_models.clear,
 )

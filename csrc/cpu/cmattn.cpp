@@ -19,6 +19,7 @@
 
 #include "cmattn.h"
 #include "cmattn_args.h"
+#include "cpu_isa.h"
 #include "outputs.h"
 
 namespace guidg_fast {
@@ -38,13 +39,8 @@ int64_t head_grain(int64_t B, int64_t K, int64_t D) {
   return std::max<int64_t>(1, kWorkPerChunk / std::max<int64_t>(1, B * (K + 1) * D));
 }
 
-// The per-head loops are compiled for AVX-512 / AVX2 / baseline with runtime selection (the
+// The per-head loops are compiled for AVX-512 / AVX2 / baseline and picked per call (cpu_isa.h; the
 // extension itself targets the baseline ISA); they run over the batch.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define GF_CMATTN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define GF_CMATTN_CLONES
-#endif
 
 // sum_i term(i) for i < n in eight independent lanes (vectorised, no serial add chain)
 template <typename acc_t, typename Term>
@@ -67,8 +63,8 @@ inline acc_t strided_dot(const acc_t* a, const scalar_t* x, int64_t stride, int6
 
 // Head h: nrm[b] = ||q_{b,h}||^2 and dk[k * B + b] = q_{b,h} . key_{k,h} (sums over d in order).
 template <typename scalar_t, typename acc_t>
-GF_CMATTN_CLONES void head_statistics(const scalar_t* q, const scalar_t* keys, int64_t h, int64_t B, int64_t H,
-                                      int64_t K, int64_t D, acc_t* nrm, acc_t* dk) {
+GF_ISA_INLINE void head_statistics_body(const scalar_t* q, const scalar_t* keys, int64_t h, int64_t B, int64_t H,
+                                        int64_t K, int64_t D, acc_t* nrm, acc_t* dk) {
   const int64_t sb = H * D;
   for (int64_t b = 0; b < B; ++b) nrm[b] = 0;
   for (int64_t i = 0; i < K * B; ++i) dk[i] = 0;
@@ -83,6 +79,26 @@ GF_CMATTN_CLONES void head_statistics(const scalar_t* q, const scalar_t* keys, i
       const acc_t kv = static_cast<acc_t>(keys[(k * H + h) * D + d]);
       for (int64_t b = 0; b < B; ++b) dkk[b] += static_cast<acc_t>(col[b * sb]) * kv;
     }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+GF_ISA_TARGET_AVX512 void head_statistics_avx512(const scalar_t* q, const scalar_t* keys, int64_t h, int64_t B,
+                                                 int64_t H, int64_t K, int64_t D, acc_t* nrm, acc_t* dk) {
+  head_statistics_body<scalar_t, acc_t>(q, keys, h, B, H, K, D, nrm, dk);
+}
+template <typename scalar_t, typename acc_t>
+GF_ISA_TARGET_AVX2 void head_statistics_avx2(const scalar_t* q, const scalar_t* keys, int64_t h, int64_t B, int64_t H,
+                                             int64_t K, int64_t D, acc_t* nrm, acc_t* dk) {
+  head_statistics_body<scalar_t, acc_t>(q, keys, h, B, H, K, D, nrm, dk);
+}
+template <typename scalar_t, typename acc_t>
+void head_statistics(const scalar_t* q, const scalar_t* keys, int64_t h, int64_t B, int64_t H, int64_t K, int64_t D,
+                     acc_t* nrm, acc_t* dk) {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return head_statistics_avx512<scalar_t, acc_t>(q, keys, h, B, H, K, D, nrm, dk);
+    case Isa::kAvx2: return head_statistics_avx2<scalar_t, acc_t>(q, keys, h, B, H, K, D, nrm, dk);
+    default: return head_statistics_body<scalar_t, acc_t>(q, keys, h, B, H, K, D, nrm, dk);
   }
 }
 
@@ -127,9 +143,9 @@ void row_probabilities(bool cosine, const acc_t* dot, acc_t q_norm, const acc_t*
 // Head h: dq_{b,h} = qw_b q_{b,h} + sum_k coef_{k,b} key_{k,h} and
 // dkey_{k,h} = self_k key_{k,h} + sum_b coef_{k,b} q_{b,h}; row (B) is scratch.
 template <typename scalar_t, typename acc_t>
-GF_CMATTN_CLONES void head_gradients(const scalar_t* qp, const scalar_t* kp, const acc_t* qw, const acc_t* coef,
-                                     const acc_t* self, int64_t h, int64_t B, int64_t H, int64_t K, int64_t D,
-                                     acc_t* __restrict__ row, scalar_t* dqp, scalar_t* dkp) {
+GF_ISA_INLINE void head_gradients_body(const scalar_t* qp, const scalar_t* kp, const acc_t* qw, const acc_t* coef,
+                                       const acc_t* self, int64_t h, int64_t B, int64_t H, int64_t K, int64_t D,
+                                       acc_t* __restrict__ row, scalar_t* dqp, scalar_t* dkp) {
   const int64_t sb = H * D;
   for (int64_t d = 0; d < D; ++d) {
     const scalar_t* col = qp + h * D + d;
@@ -142,6 +158,30 @@ GF_CMATTN_CLONES void head_gradients(const scalar_t* qp, const scalar_t* kp, con
       dkp[(k * H + h) * D + d] = static_cast<scalar_t>(self[k] * kv + strided_dot<scalar_t, acc_t>(ck, col, sb, B));
     }
     for (int64_t b = 0; b < B; ++b) dcol[b * sb] = static_cast<scalar_t>(row[b]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+GF_ISA_TARGET_AVX512 void head_gradients_avx512(const scalar_t* qp, const scalar_t* kp, const acc_t* qw,
+                                                const acc_t* coef, const acc_t* self, int64_t h, int64_t B, int64_t H,
+                                                int64_t K, int64_t D, acc_t* __restrict__ row, scalar_t* dqp,
+                                                scalar_t* dkp) {
+  head_gradients_body<scalar_t, acc_t>(qp, kp, qw, coef, self, h, B, H, K, D, row, dqp, dkp);
+}
+template <typename scalar_t, typename acc_t>
+GF_ISA_TARGET_AVX2 void head_gradients_avx2(const scalar_t* qp, const scalar_t* kp, const acc_t* qw, const acc_t* coef,
+                                            const acc_t* self, int64_t h, int64_t B, int64_t H, int64_t K, int64_t D,
+                                            acc_t* __restrict__ row, scalar_t* dqp, scalar_t* dkp) {
+  head_gradients_body<scalar_t, acc_t>(qp, kp, qw, coef, self, h, B, H, K, D, row, dqp, dkp);
+}
+template <typename scalar_t, typename acc_t>
+void head_gradients(const scalar_t* qp, const scalar_t* kp, const acc_t* qw, const acc_t* coef, const acc_t* self,
+                    int64_t h, int64_t B, int64_t H, int64_t K, int64_t D, acc_t* __restrict__ row, scalar_t* dqp,
+                    scalar_t* dkp) {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return head_gradients_avx512<scalar_t, acc_t>(qp, kp, qw, coef, self, h, B, H, K, D, row, dqp, dkp);
+    case Isa::kAvx2: return head_gradients_avx2<scalar_t, acc_t>(qp, kp, qw, coef, self, h, B, H, K, D, row, dqp, dkp);
+    default: return head_gradients_body<scalar_t, acc_t>(qp, kp, qw, coef, self, h, B, H, K, D, row, dqp, dkp);
   }
 }
 

@@ -23,6 +23,7 @@
 #include "ensemble_logits.h"
 #include "ensemble_logits_args.h"
 #include "outputs.h"
+#include "cpu_isa.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -31,30 +32,27 @@
 
 namespace guidg_fast {
 
-// The mix loops stream memory; cloned per ISA (GCC function multi-versioning, chosen at load time)
-// so that they vectorise with AVX-512/AVX2 where the CPU has them, without -march flags.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define GF_ENSEMBLE_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define GF_ENSEMBLE_CPU_CLONES
-#endif
+// The mix loops stream memory; compiled per ISA and picked per call (cpu_isa.h) so that they
+// vectorise with AVX-512/AVX2 where the CPU has them, without -march flags.
 
 // Rows [lo, hi) of a mix: out[r, :n] = scale * sum_k weights[r * weight_row + k] * values[r * value_row + k * value_k + :n]
-GF_ENSEMBLE_CPU_CLONES void ensemble_mix_rows_f32(float* out, int64_t out_row, const float* values, int64_t value_row,
+GF_ISA_INLINE void ensemble_mix_rows_f32_body(float* out, int64_t out_row, const float* values, int64_t value_row,
                                                   int64_t value_k, const float* weights, int64_t weight_row, int64_t K,
                                                   float scale, int64_t n, int64_t lo, int64_t hi) {
   for (int64_t r = lo; r < hi; ++r) {
     ensemble_mix_row<float>(out + r * out_row, values + r * value_row, value_k, weights + r * weight_row, 1, K, scale, n);
   }
 }
+GF_ISA_DISPATCH(void, ensemble_mix_rows_f32, (float* out, int64_t out_row, const float* values, int64_t value_row, int64_t value_k, const float* weights, int64_t weight_row, int64_t K, float scale, int64_t n, int64_t lo, int64_t hi), (out, out_row, values, value_row, value_k, weights, weight_row, K, scale, n, lo, hi))
 
-GF_ENSEMBLE_CPU_CLONES void ensemble_mix_rows_f64(double* out, int64_t out_row, const double* values, int64_t value_row,
+GF_ISA_INLINE void ensemble_mix_rows_f64_body(double* out, int64_t out_row, const double* values, int64_t value_row,
                                                   int64_t value_k, const double* weights, int64_t weight_row, int64_t K,
                                                   double scale, int64_t n, int64_t lo, int64_t hi) {
   for (int64_t r = lo; r < hi; ++r) {
     ensemble_mix_row<double>(out + r * out_row, values + r * value_row, value_k, weights + r * weight_row, 1, K, scale, n);
   }
 }
+GF_ISA_DISPATCH(void, ensemble_mix_rows_f64, (double* out, int64_t out_row, const double* values, int64_t value_row, int64_t value_k, const double* weights, int64_t weight_row, int64_t K, double scale, int64_t n, int64_t lo, int64_t hi), (out, out_row, values, value_row, value_k, weights, weight_row, K, scale, n, lo, hi))
 
 #ifdef GF_ENSEMBLE_AVX512_TILES
 // Fused forward for batch weights, float32 on AVX-512 CPUs: the experts are mixed for a tile of
@@ -88,12 +86,10 @@ __attribute__((target("avx512f"))) void ensemble_tile_avx512(const float* mixed,
 
 namespace {
 
-// GUIDG_FAST_CPU_AVX512=0 turns the AVX-512 tile path off (tests run both paths on such CPUs).
+// the AVX-512 tile path runs where cpu_isa() (GUIDG_FAST_CPU_ISA) allows AVX-512
 bool ensemble_avx512_tiles_enabled() {
 #ifdef GF_ENSEMBLE_AVX512_TILES
-  static const bool supported = __builtin_cpu_supports("avx512f");
-  const char* flag = std::getenv("GUIDG_FAST_CPU_AVX512");
-  return supported && !(flag != nullptr && std::strcmp(flag, "0") == 0);
+  return cpu_isa() == Isa::kAvx512;
 #else
   return false;
 #endif

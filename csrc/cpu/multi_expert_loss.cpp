@@ -42,11 +42,7 @@
 #include "multi_expert_loss_args.h"
 #include "outputs.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define GF_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define GF_VECTOR_CLONES
-#endif
+#include "cpu_isa.h"
 
 namespace guidg_fast {
 namespace multi_expert_loss {
@@ -81,7 +77,7 @@ inline __attribute__((always_inline)) float exp_poly(float x) {
 }
 
 // row <- tau * row; returns the max
-GF_VECTOR_CLONES float scale_max_row(float* row, int64_t n, float tau) {
+GF_ISA_INLINE float scale_max_row_body(float* row, int64_t n, float tau) {
   float lanes[kLanes];
   for (int l = 0; l < kLanes; ++l) lanes[l] = -INFINITY;
   int64_t j = 0;
@@ -100,6 +96,7 @@ GF_VECTOR_CLONES float scale_max_row(float* row, int64_t n, float tau) {
   for (int l = 0; l < kLanes; ++l) m = lanes[l] > m ? lanes[l] : m;
   return m;
 }
+GF_ISA_DISPATCH(float, scale_max_row, (float* row, int64_t n, float tau), (row, n, tau))
 double scale_max_row(double* row, int64_t n, double tau) {
   double m = -INFINITY;
   for (int64_t j = 0; j < n; ++j) {
@@ -110,7 +107,7 @@ double scale_max_row(double* row, int64_t n, double tau) {
 }
 
 // row <- exp(row - shift); returns the sum
-GF_VECTOR_CLONES float exp_sum_row(float* row, int64_t n, float shift) {
+GF_ISA_INLINE float exp_sum_row_body(float* row, int64_t n, float shift) {
   float lanes[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
@@ -128,6 +125,7 @@ GF_VECTOR_CLONES float exp_sum_row(float* row, int64_t n, float shift) {
   for (int l = 0; l < kLanes; ++l) s += lanes[l];
   return s;
 }
+GF_ISA_DISPATCH(float, exp_sum_row, (float* row, int64_t n, float shift), (row, n, shift))
 double exp_sum_row(double* row, int64_t n, double shift) {
   double s = 0;
   for (int64_t j = 0; j < n; ++j) {
@@ -140,39 +138,43 @@ double exp_sum_row(double* row, int64_t n, double shift) {
 // row <- scale * exp(tau * row - shift): softmax probabilities (scale 1) or CE logit gradients.
 // tau * row is rounded (stored) before the shift, exactly as in the forward sweep, so that e.g. a
 // single class gets p = 1 exactly; a fused multiply-add here would not round it.
-GF_VECTOR_CLONES void scaled_exp_row(float* row, int64_t n, float tau, float shift, float scale) {
+GF_ISA_INLINE void scaled_exp_row_body(float* row, int64_t n, float tau, float shift, float scale) {
   for (int64_t j = 0; j < n; ++j) row[j] = tau * row[j];
   for (int64_t j = 0; j < n; ++j) row[j] = scale * exp_poly(row[j] - shift);
 }
+GF_ISA_DISPATCH(void, scaled_exp_row, (float* row, int64_t n, float tau, float shift, float scale), (row, n, tau, shift, scale))
 void scaled_exp_row(double* row, int64_t n, double tau, double shift, double scale) {
   for (int64_t j = 0; j < n; ++j) row[j] = tau * row[j];
   for (int64_t j = 0; j < n; ++j) row[j] = scale * std::exp(row[j] - shift);
 }
 
 // out <- f - margin t: the product is stored (rounded) before the subtraction, as in the reference
-GF_VECTOR_CLONES void shift_row(float* __restrict__ out, const float* __restrict__ f, const float* __restrict__ t,
+GF_ISA_INLINE void shift_row_body(float* __restrict__ out, const float* __restrict__ f, const float* __restrict__ t,
                                 float margin, int64_t n) {
   for (int64_t d = 0; d < n; ++d) out[d] = margin * t[d];
   for (int64_t d = 0; d < n; ++d) out[d] = f[d] - out[d];
 }
+GF_ISA_DISPATCH(void, shift_row, (float* __restrict__ out, const float* __restrict__ f, const float* __restrict__ t, float margin, int64_t n), (out, f, t, margin, n))
 void shift_row(double* __restrict__ out, const double* __restrict__ f, const double* __restrict__ t, double margin,
                int64_t n) {
   for (int64_t d = 0; d < n; ++d) out[d] = shifted_feature<double>(f[d], t[d], margin);
 }
 
 // x <- scale * x
-GF_VECTOR_CLONES void scale_row(float* __restrict__ x, float scale, int64_t n) {
+GF_ISA_INLINE void scale_row_body(float* __restrict__ x, float scale, int64_t n) {
   for (int64_t d = 0; d < n; ++d) x[d] *= scale;
 }
+GF_ISA_DISPATCH(void, scale_row, (float* __restrict__ x, float scale, int64_t n), (x, scale, n))
 void scale_row(double* __restrict__ x, double scale, int64_t n) {
   for (int64_t d = 0; d < n; ++d) x[d] *= scale;
 }
 
 // out <- scale * (a - b)
-GF_VECTOR_CLONES void scaled_difference(float* __restrict__ out, const float* __restrict__ a,
+GF_ISA_INLINE void scaled_difference_body(float* __restrict__ out, const float* __restrict__ a,
                                         const float* __restrict__ b, float scale, int64_t n) {
   for (int64_t d = 0; d < n; ++d) out[d] = scale * (a[d] - b[d]);
 }
+GF_ISA_DISPATCH(void, scaled_difference, (float* __restrict__ out, const float* __restrict__ a, const float* __restrict__ b, float scale, int64_t n), (out, a, b, scale, n))
 void scaled_difference(double* __restrict__ out, const double* __restrict__ a, const double* __restrict__ b,
                        double scale, int64_t n) {
   for (int64_t d = 0; d < n; ++d) out[d] = scale * (a[d] - b[d]);

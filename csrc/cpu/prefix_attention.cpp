@@ -29,13 +29,7 @@
 #include "prefix_attention_args.h"
 #include "outputs.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define GF_HAVE_ISA_CLONES 1
-#define GF_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define GF_HAVE_ISA_CLONES 0
-#define GF_TARGET_AVX2
-#endif
+#include "cpu_isa.h"
 #define GF_ALWAYS_INLINE __attribute__((always_inline)) inline
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vectors in always-inline helpers: no ABI is crossed
@@ -392,7 +386,7 @@ GF_ALWAYS_INLINE void forward_tasks(const Inputs<T>& in, T* out, T* lse, int64_t
 }
 
 template <typename T>
-GF_TARGET_AVX2 void forward_tasks_avx2(const Inputs<T>& in, T* out, T* lse, int64_t m_chunk, int64_t b, int64_t e) {
+GF_ISA_TARGET_AVX2 void forward_tasks_avx2(const Inputs<T>& in, T* out, T* lse, int64_t m_chunk, int64_t b, int64_t e) {
   forward_tasks<T, 32>(in, out, lse, m_chunk, b, e);
 }
 template <typename T>
@@ -400,21 +394,9 @@ void forward_tasks_baseline(const Inputs<T>& in, T* out, T* lse, int64_t m_chunk
   forward_tasks<T, 32>(in, out, lse, m_chunk, b, e);
 }
 
-enum class Isa { kBaseline, kAvx2 };
-
-// The best clone this CPU runs; GUIDG_FAST_CPU_ISA=baseline forces the portable one (tests run both).
-// (A 64-byte-vector AVX-512 clone with 8-query blocks measured slower than AVX2 on a Xeon with
-// AVX-512, so there is none.)
-Isa cpu_isa() {
-#if GF_HAVE_ISA_CLONES
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const char* cap = std::getenv("GUIDG_FAST_CPU_ISA");
-  if (cap != nullptr && std::strcmp(cap, "baseline") == 0) return Isa::kBaseline;
-  return avx2 ? Isa::kAvx2 : Isa::kBaseline;
-#else
-  return Isa::kBaseline;
-#endif
-}
+// The AVX2 clone also serves AVX-512 CPUs: a 64-byte-vector clone with 8-query blocks measured
+// slower than AVX2 on a Xeon with AVX-512, so there is none (cpu_isa.h: the one ISA switch).
+inline bool use_avx2(Isa isa) { return isa != Isa::kBaseline; }
 
 // ----------------------------------------------------------------------------------------- backward
 
@@ -576,7 +558,7 @@ GF_ALWAYS_INLINE void backward_tasks(const Inputs<T>& in, const Grads<T>& g, int
 }
 
 template <typename T>
-GF_TARGET_AVX2 void backward_tasks_avx2(const Inputs<T>& in, const Grads<T>& g, int64_t b, int64_t e) {
+GF_ISA_TARGET_AVX2 void backward_tasks_avx2(const Inputs<T>& in, const Grads<T>& g, int64_t b, int64_t e) {
   backward_tasks<T, 32>(in, g, b, e);
 }
 template <typename T>
@@ -608,7 +590,7 @@ void run_forward(const Inputs<scalar_t>& in, scalar_t* out, scalar_t* lse) {
   const TaskSplit split(sh, 8 * static_cast<int64_t>(at::get_num_threads()));
   const Isa isa = cpu_isa();
   at::parallel_for(0, split.n_chunks * sh.K, 1, [&](int64_t b, int64_t e) {
-    if (isa == Isa::kAvx2) forward_tasks_avx2<scalar_t>(in, out, lse, split.m_chunk, b, e);
+    if (use_avx2(isa)) forward_tasks_avx2<scalar_t>(in, out, lse, split.m_chunk, b, e);
     else forward_tasks_baseline<scalar_t>(in, out, lse, split.m_chunk, b, e);
   });
 }
@@ -635,7 +617,7 @@ void run_backward(const Inputs<scalar_t>& in, Grads<scalar_t> g, scalar_t* dkp, 
   g.m_chunk = split.m_chunk;
   const Isa isa = cpu_isa();
   at::parallel_for(0, n_chunks * sh.K, 1, [&](int64_t b, int64_t e) {
-    if (isa == Isa::kAvx2) backward_tasks_avx2<scalar_t>(in, g, b, e);
+    if (use_avx2(isa)) backward_tasks_avx2<scalar_t>(in, g, b, e);
     else backward_tasks_baseline<scalar_t>(in, g, b, e);
   });
   if (n_chunks > 1) {
@@ -812,7 +794,7 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_packed_forward_cpu(const at:
         const int64_t local = task - plan.first_task(gi), t0 = gs[gi].t0, m_chunk = plan.splits[gi].m_chunk;
         scalar_t* o = out_ptr + t0 * H * Dh;
         scalar_t* l = lse_ptr + t0 * H;
-        if (isa == Isa::kAvx2) forward_tasks_avx2<scalar_t>(plan.inputs[gi], o, l, m_chunk, local, local + 1);
+        if (use_avx2(isa)) forward_tasks_avx2<scalar_t>(plan.inputs[gi], o, l, m_chunk, local, local + 1);
         else forward_tasks_baseline<scalar_t>(plan.inputs[gi], o, l, m_chunk, local, local + 1);
       }
     });
@@ -861,7 +843,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_attention_packed_backward_
       for (int64_t task = b; task < e; ++task) {
         const size_t gi = plan.group_of(task);
         const int64_t local = task - plan.first_task(gi);
-        if (isa == Isa::kAvx2) backward_tasks_avx2<scalar_t>(plan.inputs[gi], grads[gi], local, local + 1);
+        if (use_avx2(isa)) backward_tasks_avx2<scalar_t>(plan.inputs[gi], grads[gi], local, local + 1);
         else backward_tasks_baseline<scalar_t>(plan.inputs[gi], grads[gi], local, local + 1);
       }
     });

@@ -41,6 +41,9 @@ def load_extension():
             from .. import _C
 
             _extension = _C
+            isa = os.environ.get("GUIDG_FAST_CPU_ISA", "").strip()
+            if isa:
+                _C.set_cpu_isa_cap(isa)  # ValueError naming GUIDG_FAST_CPU_ISA for an unknown value
         except ImportError as exc:
             _extension_error = str(exc)
             _warn_once(
@@ -56,8 +59,24 @@ def extension_status() -> dict:
     return {
         "built": ext is not None,
         "with_cuda": bool(ext is not None and getattr(ext, "WITH_CUDA", 0)),
+        "cpu_isa": ext.cpu_isa() if ext is not None else None,
         "error": _extension_error,
     }
+
+
+@contextlib.contextmanager
+def cpu_isa_cap(name: str):
+    """Caps the extension's CPU row loops at ``name`` (avx512 | avx2 | baseline) inside the block, as
+    GUIDG_FAST_CPU_ISA does for a whole process; the tests use it to run every ISA path."""
+    ext = load_extension()
+    if ext is None:
+        raise RuntimeError(f"guidg_fast._C is not built ({_extension_error}): no CPU ISA paths to choose")
+    before = os.environ.get("GUIDG_FAST_CPU_ISA", "").strip() or "avx512"
+    ext.set_cpu_isa_cap(name)
+    try:
+        yield ext.cpu_isa()
+    finally:
+        ext.set_cpu_isa_cap(before)
 
 
 def ext_has_kernels(op_names, device_type: str) -> bool:
