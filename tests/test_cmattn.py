@@ -181,6 +181,17 @@ def test_cpu_kernels_reject_other_q_strides():
         torch.ops.guidg_fast.cmattn_forward(q, torch.randn(2, 4, 8), True)
 
 
+@pytest.mark.skipif("ext" not in _backend.available("cmattn", "cpu"), reason="guidg_fast._C not built")
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_cmattn_cpu_isa_paths_match_reference(isa, monkeypatch):
+    # the head loops' AVX2 and baseline builds (cpu_isa.h), at the step-2 shape and an odd one
+    monkeypatch.setenv("GUIDG_FAST_POISON", "1")
+    with _backend.cpu_isa_cap(isa):
+        for shape in ((36, 3, 65, 512, 4), (7, 2, 9, 130, 8)):
+            for metric in METRICS:
+                _run_parity("ext", shape, metric)
+
+
 def test_cmattn_compiles_without_graph_breaks():
     # a training step as step 2 runs it: detached features, loss weighted by the expert weights
     B, K, C, D, H = 5, 3, 7, 24, 2
