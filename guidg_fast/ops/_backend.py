@@ -229,19 +229,17 @@ def choose(name: str, device: torch.device) -> str:
     return "eager"
 
 
-_chosen: dict = {}
-
-
 @torch.compiler.assume_constant_result
 def backend_for(name: str, device_type: str) -> str:
     """``choose`` for the op entry points: the one backend chooser every op calls. A constant for
-    torch.compile (it reads the environment and the dispatcher, not tensors); eagerly cached per
-    state of everything it reads, so a call costs a dict lookup."""
-    key = (name, device_type, _forced, os.environ.get("GUIDG_FAST_BACKEND"), os.environ.get("TRITON_INTERPRET"),
-           _extension_loaded)
-    backend = _chosen.get(key)
+    torch.compile (it reads the environment and the dispatcher, not tensors); eagerly cached (with
+    ``available``'s answers, so clearing that cache clears these) per state of everything it reads,
+    so a call costs a dict lookup."""
+    key = ("chosen", name, device_type, _forced, os.environ.get("GUIDG_FAST_BACKEND"),
+           os.environ.get("TRITON_INTERPRET"), _extension_loaded)
+    backend = _available_cache.get(key)
     if backend is None:
-        backend = _chosen[key] = choose(name, torch.device(device_type))
+        backend = _available_cache[key] = choose(name, torch.device(device_type))
     return backend
 
 
