@@ -54,9 +54,9 @@ def cmd_info(args) -> int:
         print(f"extension guidg_fast._C: NOT built ({ext['error']})")
     if data["forced_backend"]:
         print(f"forced backend (GUIDG_FAST_BACKEND): {data['forced_backend']}")
-    print(f"{'op':<24}{'CPU backend':<30}{'CUDA backend'}")
+    print(f"{'op':<24}{'CPU backend':<42}{'CUDA backend'}")
     for name, where in data["backends"].items():
-        print(f"{name:<24}{where['cpu']:<30}{where['cuda']}")
+        print(f"{name:<24}{where['cpu']:<42}{where['cuda']}")
     return 0
 
 

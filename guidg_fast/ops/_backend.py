@@ -142,6 +142,7 @@ class OpSpec:
     ext_ops: tuple = ()  # C++ operators this op needs from guidg_fast._C (empty: no ext kernel yet)
     triton: bool = False  # has Triton kernels in guidg_fast.kernels
     notes: dict = field(default_factory=dict)
+    parts: tuple = ()  # a composition of these ops (no kernels of its own): each part's backend applies
 
 
 REGISTRY: dict[str, OpSpec] = {}
@@ -228,6 +229,20 @@ def choose(name: str, device: torch.device) -> str:
     return "eager"
 
 
+@torch.compiler.assume_constant_result
+def backend_for(name: str, device_type: str) -> str:
+    """``choose`` for the op entry points: the one backend chooser every op calls. A constant for
+    torch.compile (it reads the environment and the dispatcher, not tensors); eagerly cached (with
+    ``available``'s answers, so clearing that cache clears these) per state of everything it reads,
+    so a call costs a dict lookup."""
+    key = ("chosen", name, device_type, _forced, os.environ.get("GUIDG_FAST_BACKEND"),
+           os.environ.get("TRITON_INTERPRET"), _extension_loaded)
+    backend = _available_cache.get(key)
+    if backend is None:
+        backend = _available_cache[key] = choose(name, torch.device(device_type))
+    return backend
+
+
 def kernel_dtype(dtype: torch.dtype, backend: str, device: torch.device) -> torch.dtype:
     """The dtype a fused kernel computes in: the ext CPU kernels run float32 and float64; the CUDA
     kernels and Triton run float32 (fp32 accumulation), so everything else is cast to float32."""
@@ -237,6 +252,8 @@ def kernel_dtype(dtype: torch.dtype, backend: str, device: torch.device) -> torc
 def describe(name: str, device_type: str) -> str:
     """What ``info`` prints: the backend used by default, without needing such a device."""
     spec = REGISTRY[name]
+    if spec.parts:
+        return " + ".join(f"{part}: {describe(part, device_type)}" for part in spec.parts)
     if device_type == "cuda":
         status = extension_status()
         if spec.ext_ops and status["built"] and status["with_cuda"] and ext_has_kernels(spec.ext_ops, "cuda"):
