@@ -14,7 +14,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from .. import _checks, ops, reference
+from .. import _checks, ops
 from ..attention import CrossModalAttention
 from ..averaging import BetaMovingAverage, wise_ft
 from ..backbone import load_clip
@@ -305,7 +305,6 @@ class GuiDG:
     # ------------------------------------------------------------------ step 2
     def step2_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The guided loss of one batch and the expert weights used (all through guidg_fast.ops)."""
-        base = BASELINES[self.config["baseline"]]
         return self._guidance_loss(self.encode_images(x), y)
 
     def _guidance_loss(self, f: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
