@@ -49,7 +49,7 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 }
 
-// One block per op, in the order of DESIGN.md; keep a blank line between blocks.
+// One block per op, in the order of docs/design.md; keep a blank line between blocks.
 TORCH_LIBRARY(guidg_fast, m) {
   // --- bma_update_ ---
   // In place: averaged[i] <- (averaged[i] + r * tensors[i]) / (1 + r) for every i, one call.

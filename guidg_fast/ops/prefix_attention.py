@@ -1,7 +1,7 @@
 """prefix_attention: causal multi-head attention of M suffix sequences per expert over a shared prefix.
 
 Query s of sequence (k, m) attends to all P prefix keys of expert k and to suffix keys 0..s of (k, m)
-(causal). This is the attention of the shared-prefix text pass (GUIDG_SPEC "exact shortcuts" 2): the
+(causal). This is the attention of the shared-prefix text pass (docs/guidg_math.md, "Exact shortcuts" 2): the
 prefix keys/values of each expert are computed once and read by all of its M class suffixes.
 
 Backends:

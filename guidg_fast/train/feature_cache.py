@@ -1,7 +1,7 @@
 """ImageFeatureCache: frozen-encoder image features, computed once per augmented view.
 
 In step 1 both CLIP encoders are frozen, so an image gives the same feature every epoch as long as
-it is seen through the same augmented view (GUIDG_SPEC, "exact shortcuts" 4). The cache encodes
+it is seen through the same augmented view (docs/guidg_math.md, "Exact shortcuts" 4). The cache encodes
 every image of a dataset once per view (``views`` augmented copies, each drawn with its own seed;
 ``views=1`` with a deterministic transform is exactly what the official code recomputes on every
 step) and serves (B, D) feature batches, so a step-1 iteration costs only the text pass and the
