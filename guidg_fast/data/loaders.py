@@ -21,7 +21,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
-# the one place the augmentation implementation is chosen (branch `aug` replaces this import)
+# the one place the augmentation implementation is chosen
 from .augment import BatchedRandAugment, normalize_uint8
 from .image_cache import ImageCacheStore, UInt8Images
 from .workers import check_workers, make_loader

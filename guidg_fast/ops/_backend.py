@@ -3,9 +3,8 @@ extension guidg_fast._C, or the eager reference.
 
 Default order: ext, triton, eager on CUDA tensors; ext, eager on CPU tensors. On CUDA the compiled
 kernels come first because they measured faster than the Triton ones for every op at the real GuiDG
-shapes (H100, 2026-11-26: e.g. cmattn + multi_expert_loss fwd+bwd 0.75 vs 1.77 ms at C = 200; the
-extension's C++ autograd ops run a whole op in one call, while the Triton path composes it in
-Python); Triton takes over where the extension was built without CUDA. The choice is explicit and
+shapes (H100, 2026-11-26: e.g. cmattn + multi_expert_loss fwd+bwd 0.75 vs 1.77 ms at C = 200,
+measured when the extension still had whole-op C++ autograd nodes); Triton takes over where the extension was built without CUDA. The choice is explicit and
 overridable with GUIDG_FAST_BACKEND=triton|ext|eager (or ``use_backend``); a forced backend that
 cannot run an op raises instead of silently falling back.
 """

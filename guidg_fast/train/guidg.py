@@ -311,7 +311,7 @@ class GuiDG:
         base = BASELINES[self.config["baseline"]]
         T = self.expert_features
         # CMAttn weights (f and T detached inside, as the official code does), their batch mean in
-        # batch mode, and the multi-expert loss: one op (one autograd node with the CPU extension)
+        # batch mode, and the multi-expert loss: ops.guidance_loss (the two fused ops composed)
         return ops.guidance_loss(
             f, T, y, *self.attn.stacked_parameters(), self.temperature, margin=base["margin"],
             entropy_weight=base["entropy_weight"], metric=self.attn.metric,
