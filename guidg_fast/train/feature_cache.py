@@ -130,6 +130,7 @@ class ImageFeatureCache:
         dataset_key: str | None = None,
         transform_key: str | None = None,
         dtype: torch.dtype = torch.float32,
+        distributed=None,
     ):
         if not hasattr(model, "encode_image"):
             raise ValueError(f"model must be a CLIP model with encode_image, got {type(model).__name__}")
@@ -155,6 +156,10 @@ class ImageFeatureCache:
         self.dataset_key = dataset_key
         self.transform_key = transform_key
         self.dtype = dtype
+        # [distributed] a train.distributed.DistContext: the build is sharded over its ranks (whole
+        # batches round-robin, gathered by an exact all-reduce), the file read only when every rank
+        # can read it, written by rank 0 alone
+        self.distributed = distributed if distributed is not None and distributed.enabled else None
         self.features: torch.Tensor | None = None  # (views, N, D), L2-normalised
         self.labels: torch.Tensor | None = None  # (N,) int64
         self.key: str | None = None
@@ -196,15 +201,20 @@ class ImageFeatureCache:
         self.rebuild_reason = None
         if self.features is not None:
             self.rebuild_reason = "stale in-memory features: " + self._stale_parts(self.parts or {}, parts)
-        if self.path is not None and os.path.exists(self.path):
-            loaded = self._read(key, parts)
-            if loaded is not None:
-                self.features, self.labels = loaded
-                self.key, self.parts = key, parts
-                return self
+        loaded = self._read(key, parts) if self.path is not None and os.path.exists(self.path) else None
+        if self.distributed is not None:  # all ranks read, or all build (the build is collective)
+            readable = torch.tensor([float(loaded is not None)], device=self.distributed.device)
+            with self.distributed.guard(f"feature cache {self.path!r}: agreeing on read or build"):
+                self.distributed.all_reduce_sum_(readable)
+            if int(readable.item()) < self.distributed.world_size:
+                loaded = None
+        if loaded is not None:
+            self.features, self.labels = loaded
+            self.key, self.parts = key, parts
+            return self
         self.features, self.labels = self._encode_all()
         self.key, self.parts, self.built = key, parts, True
-        if self.path is not None:
+        if self.path is not None and (self.distributed is None or self.distributed.is_main):
             self._write(key, parts)
         return self
 
@@ -274,10 +284,15 @@ class ImageFeatureCache:
         model.eval()
         N = len(self.dataset)
         features = None
-        labels = torch.empty(N, dtype=torch.int64)
+        labels = torch.zeros(N, dtype=torch.int64)
+        shard = self.distributed
+        batch_number = -1
         try:
             for view in range(self.views):
                 for start in range(0, N, self.batch_size):
+                    batch_number += 1
+                    if shard is not None and batch_number % shard.world_size != shard.rank:
+                        continue  # [distributed] another rank's batch
                     idx = range(start, min(N, start + self.batch_size))
                     items = [self._view_item(i, view) for i in idx]
                     images = torch.stack([im for im, _ in items]).to(self.device)
@@ -285,11 +300,26 @@ class ImageFeatureCache:
                         labels[start : start + len(items)] = torch.tensor([y for _, y in items])
                     f = F.normalize(model.encode_image(images).float(), dim=-1).to(self.dtype)
                     if features is None:
-                        features = torch.empty((self.views, N, f.shape[-1]), dtype=self.dtype, device=self.store_device)
+                        features = (torch.zeros if shard is not None else torch.empty)((self.views, N, f.shape[-1]), dtype=self.dtype, device=self.store_device)
                     features[view, start : start + len(items)] = f.to(self.store_device)
         finally:
             model.train(was_training)
+        if shard is not None:
+            features, labels = self._gather_shards(features, labels)
         return features, labels.to(self.store_device)
+
+    def _gather_shards(self, features, labels):
+        """Every rank's batches on every rank: each element was written by one rank, zeros elsewhere,
+        so the sum all-reduce is the exact concatenation."""
+        shard = self.distributed
+        if features is None:  # more ranks than batches: this rank encoded nothing
+            D = int(self.model.visual.output_dim)
+            features = torch.zeros((self.views, len(self.dataset), D), dtype=self.dtype, device=self.store_device)
+        on_device = features.to(shard.device), labels.to(shard.device)
+        with shard.guard("feature cache build: gathering the ranks' features"):
+            for t in on_device:
+                shard.all_reduce_sum_(t)
+        return on_device[0].to(self.store_device), on_device[1]
 
     # -- use ---------------------------------------------------------------------------------------
     def _ready(self):

@@ -20,6 +20,7 @@ from ..backbone import load_clip
 from ..prompts import ExpertPromptLearner
 from ..text import encode_expert_prompts
 from . import checkpoint
+from . import distributed as dist_glue
 from .feature_cache import ImageFeatureCache
 
 BASELINES = {
@@ -89,6 +90,7 @@ class GuiDG:
         baseline: str = "clipood",
         weight_mode: str = "batch",
         seed: int = 0,
+        dist_timeout: float | None = None,
     ):
         if not classnames:
             raise ValueError("classnames must be a non-empty list of class names")
@@ -115,7 +117,10 @@ class GuiDG:
             "weight_mode": weight_mode,
             "seed": seed,
         }
-        self.device = torch.device(device)
+        # [distributed] the initialised group, or one made from torchrun's environment; "cuda" becomes
+        # cuda:LOCAL_RANK. Every rank builds the same model from the same seed (DDP checks it too).
+        self.dist = dist_glue.setup(device, timeout_s=dist_timeout)
+        self.device = self.dist.device
         torch.manual_seed(seed)
         self.model, self.preprocess, self.tokenizer = load_clip(arch, pretrained, self.device)
         self.model.requires_grad_(False)
@@ -171,12 +176,34 @@ class GuiDG:
     @torch.no_grad()
     def dataset_features(self, dataset, batch_size: int = 64, visual=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen-encoder features of every image of ``dataset`` (one view) and the labels."""
+        if self.dist.enabled:  # [distributed] each rank encodes its batches; an exact all-reduce gathers
+            return self._dataset_features_sharded(dataset, batch_size, visual)
         feats, labels = [], []
         for start in range(0, len(dataset), batch_size):
             x, y = _stack_items(dataset, range(start, min(len(dataset), start + batch_size)))
             feats.append(self.encode_images(x, visual))
             labels.append(y)
         return torch.cat(feats), torch.cat(labels).to(self.device)
+
+    @torch.no_grad()
+    def _dataset_features_sharded(self, dataset, batch_size: int, visual=None):
+        n, ctx = len(dataset), self.dist
+        feats = labels = None
+        for start in dist_glue.batch_starts(n, batch_size, ctx.rank, ctx.world_size):
+            x, y = _stack_items(dataset, range(start, min(n, start + batch_size)))
+            f = self.encode_images(x, visual)
+            if feats is None:
+                feats = torch.zeros(n, f.shape[-1], device=self.device)
+                labels = torch.zeros(n, dtype=torch.long, device=self.device)
+            feats[start : start + f.shape[0]] = f
+            labels[start : start + f.shape[0]] = y.to(self.device)
+        if feats is None:  # more ranks than batches: this rank encodes nothing
+            feats = torch.zeros(n, int(self.model.visual.output_dim), device=self.device)
+            labels = torch.zeros(n, dtype=torch.long, device=self.device)
+        with ctx.guard("gather of the step-1 image features"):
+            ctx.all_reduce_sum_(feats)  # rows are disjoint across ranks: x + 0 sums are exact
+            ctx.all_reduce_sum_(labels)
+        return feats, labels
 
     # ------------------------------------------------------------------ step 1
     def fit_experts(
@@ -220,6 +247,7 @@ class GuiDG:
                 d: ImageFeatureCache(
                     self.model, datasets[d], transform=transform, views=views, seed=self.config["seed"] + k,
                     path=os.path.join(cache_dir, f"step1_features_{k}.safetensors") if cache_dir else None,
+                    distributed=self.dist,  # [distributed] build sharded over ranks, rank 0 writes
                 ).load_or_build()
                 for k, d in enumerate(self.domains)
             }
@@ -242,7 +270,7 @@ class GuiDG:
             scheduler.load_state_dict(state["scheduler"])
             self.history["step1"] = list(state["history"])
             start = int(state["step"])
-        bar = _progress(range(start, steps), progress, "step 1 (experts)")
+        bar = _progress(range(start, steps), progress and self.dist.is_main, "step 1 (experts)")
         seed = self.config["seed"]
         for step in bar:
             t0 = time.perf_counter()
@@ -250,6 +278,10 @@ class GuiDG:
             loss = T.new_zeros(())
             for k, d in enumerate(self.domains):
                 idx = epoch_batch_indices(sizes[d], batch_size, step, seed, stream=k).to(self.device)
+                if self.dist.enabled:  # [distributed] this rank's rows of the expert's batch
+                    n_global = idx.numel()
+                    lo, hi = dist_glue.row_bounds(n_global, self.dist.world_size)[self.dist.rank]
+                    idx = idx[lo:hi]
                 if caches is None:
                     feats, labels = cached[d]
                     feats, labels = feats[idx], labels[idx]
@@ -257,9 +289,15 @@ class GuiDG:
                     epoch = step // max(1, math.ceil(sizes[d] / batch_size))
                     feats, labels = caches[d].get(idx, caches[d].view_for_epoch(epoch), device=self.device)
                 logits = self.temperature * feats @ T[k].t()
-                loss = loss + F.cross_entropy(logits, labels)
+                if self.dist.enabled:  # this rank's share of the batch mean; the shares sum to it
+                    loss = loss + F.cross_entropy(logits, labels, reduction="sum") / n_global
+                else:
+                    loss = loss + F.cross_entropy(logits, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.dist.enabled:  # [distributed] sum the ctx gradient shares (and the loss) over ranks
+                with self.dist.guard(f"step 1, step {step + 1}: all-reduce of the ctx gradient"):
+                    loss = _all_reduce_grads_and_loss(self.dist, [self.learner.ctx], loss)
             optimizer.step()
             scheduler.step()
             value = float(loss.detach()) / len(self.domains)
@@ -267,7 +305,7 @@ class GuiDG:
             _postfix(bar, value, len(self.domains) * batch_size, time.perf_counter() - t0)
             if callback:
                 callback("step1", step, value)
-            if checkpoint_dir and checkpoint_every and (step + 1) % checkpoint_every == 0:
+            if checkpoint_dir and checkpoint_every and (step + 1) % checkpoint_every == 0 and self.dist.is_main:
                 checkpoint.save_state(
                     os.path.join(checkpoint_dir, "step1_state.pt"),
                     {"stage": "step1", "step": step + 1, "ctx": self.learner.ctx.detach().cpu(),
@@ -284,20 +322,37 @@ class GuiDG:
         return self.expert_features
 
     # ------------------------------------------------------------------ step 2
-    def _step2_batch(self, datasets: Mapping, names: list, sizes: dict, batch_per_domain: int, step: int):
+    def _step2_batch(self, datasets: Mapping, names: list, sizes: dict, batch_per_domain: int, step: int,
+                     rows: tuple[int, int] | None = None):
+        """The step's global batch, domain-major; ``rows`` = (start, stop): only those rows of it
+        (a rank's slice under torch.distributed: only its images are loaded)."""
         xs, ys = [], []
+        offset = 0
         for j, d in enumerate(names):
             idx = epoch_batch_indices(sizes[d], batch_per_domain, step, self.config["seed"], stream=1000 + j)
+            if rows is not None:  # [distributed] the part of this domain's block inside [start, stop)
+                lo, hi = max(rows[0] - offset, 0), min(rows[1] - offset, idx.numel())
+                offset += idx.numel()
+                idx = idx[lo:hi] if hi > lo else idx[:0]
+                if idx.numel() == 0:
+                    continue
             x, y = _stack_items(datasets[d], idx)
             xs.append(x)
             ys.append(y)
         return torch.cat(xs).to(self.device), torch.cat(ys).to(self.device)
 
-    def step2_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The guided loss of one batch and the expert weights used (all through guidg_fast.ops)."""
+    def step2_loss(self, x: torch.Tensor, y: torch.Tensor, *, encoder=None, rows: tuple[int, int, int] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The guided loss of one batch and the expert weights used (all through guidg_fast.ops).
+
+        Under torch.distributed, ``x``/``y`` are rows [start, stop) of a global batch of ``total``
+        (``rows`` = (start, stop, total)) and ``encoder`` the DDP-wrapped encoder: the loss is the
+        global batch's loss (see ``_distributed_features``)."""
         base = BASELINES[self.config["baseline"]]
         T = self.expert_features
-        f = self.encode_images(x)
+        f = self.encode_images(x, encoder)
+        if rows is not None:  # [distributed]
+            f, y = _distributed_features(self.dist, f, y, rows)
         # CMAttn weights (f and T detached inside, as the official code does), their batch mean in
         # batch mode, and the multi-expert loss: one op (one autograd node with the CPU extension)
         return ops.guidance_loss(
@@ -356,25 +411,34 @@ class GuiDG:
             torch.set_rng_state(state["rng"])
             self.history["step2"] = list(state["history"])
             start = int(state["step"])
-        bar = _progress(range(start, steps), progress, "step 2 (fine-tune)")
+        bar = _progress(range(start, steps), progress and self.dist.is_main, "step 2 (fine-tune)")
         visual.train()
+        # [distributed] DDP over the encoder with CMAttn's parameters in the same reducer; each rank
+        # takes a contiguous slice of the global domain-major batch
+        encoder, rows = None, None
+        if self.dist.enabled:
+            encoder = _ddp_encoder(visual, self.attn, self.dist)
+            total = batch_per_domain * len(names)
+            rows = (*dist_glue.row_bounds(total, self.dist.world_size)[self.dist.rank], total)
         try:
             for step in bar:
                 t0 = time.perf_counter()
-                x, y = self._step2_batch(datasets, names, sizes, batch_per_domain, step)
-                loss, w = self.step2_loss(x, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                with self.dist.guard(f"step 2, step {step + 1}"):
+                    x, y = self._step2_batch(datasets, names, sizes, batch_per_domain, step,
+                                             rows=rows[:2] if rows else None)
+                    loss, w = self.step2_loss(x, y, encoder=encoder, rows=rows)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
                 optimizer.step()
                 scheduler.step()
                 if bma is not None:
                     bma.update()
                 value = float(loss.detach())
                 self.history["step2"].append(value)
-                _postfix(bar, value, x.shape[0], time.perf_counter() - t0)
+                _postfix(bar, value, rows[2] if rows else x.shape[0], time.perf_counter() - t0)
                 if callback:
                     callback("step2", step, value)
-                if checkpoint_dir and checkpoint_every and (step + 1) % checkpoint_every == 0:
+                if checkpoint_dir and checkpoint_every and (step + 1) % checkpoint_every == 0 and self.dist.is_main:
                     checkpoint.save_state(
                         os.path.join(checkpoint_dir, "step2_state.pt"),
                         {"stage": "step2", "step": step + 1, "visual": visual.state_dict(),
@@ -397,6 +461,9 @@ class GuiDG:
         else:
             self.eval_visual = visual
         self.eval_visual.eval()
+        if self.dist.enabled:  # [distributed] every rank computed the same BMA / WiSE-FT: make it bitwise rank 0's
+            self.dist.broadcast_module_(self.eval_visual, what="broadcast of the step-2 encoder")
+            self.dist.broadcast_module_(self.attn, what="broadcast of CMAttn")
         return self.history["step2"]
 
     # ------------------------------------------------------------------ evaluation
@@ -417,9 +484,11 @@ class GuiDG:
             self.refresh_expert_features()
         T = self.expert_features
         results = {}
+        ctx = self.dist
         for name, ds in datasets.items():
             correct, per_expert, weights, batches, total = 0, torch.zeros(len(self.domains)), 0.0, 0, 0
-            for start in range(0, len(ds), batch_size):
+            # [distributed] whole batches round-robin over ranks: the same batches as one process
+            for start in dist_glue.batch_starts(len(ds), batch_size, ctx.rank, ctx.world_size):
                 x, y = _stack_items(ds, range(start, min(len(ds), start + batch_size)))
                 y = y.to(self.device)
                 f = self.encode_images(x, self.eval_visual)
@@ -431,6 +500,16 @@ class GuiDG:
                 weights = weights + w.cpu()
                 batches += 1
                 total += y.numel()
+            if ctx.enabled:  # [distributed] one all-reduce of the counts (float64: exact for counts < 2^53)
+                K = len(self.domains)
+                weights = weights if isinstance(weights, torch.Tensor) else torch.zeros(K)  # a rank with no batch
+                packed = torch.cat([torch.tensor([correct, batches, total], dtype=torch.float64),
+                                    per_expert.double(), weights.double()]).to(self.device)
+                with ctx.guard(f"evaluation of {name!r}: all-reduce of the counts"):
+                    ctx.all_reduce_sum_(packed)
+                packed = packed.cpu()
+                correct, batches, total = int(packed[0]), int(packed[1]), int(packed[2])
+                per_expert, weights = packed[3 : 3 + K], packed[3 + K :]
             results[name] = {
                 "ensemble": 100.0 * correct / total,
                 "experts": {d: 100.0 * float(per_expert[k]) / total for k, d in enumerate(self.domains)},
@@ -442,7 +521,11 @@ class GuiDG:
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str) -> None:
         """config.json + weights.safetensors (experts' contexts, CMAttn, the evaluation vision encoder;
-        the whole backbone too when it was randomly initialised, so loading reproduces predictions)."""
+        the whole backbone too when it was randomly initialised, so loading reproduces predictions).
+        Under torch.distributed rank 0 writes; the others wait until the folder is complete."""
+        if not self.dist.is_main:  # [distributed]
+            self.dist.barrier("save: waiting for rank 0 to write the model folder")
+            return
         tensors = {"learner.ctx": self.learner.ctx}
         tensors.update({f"attn.{k}": v for k, v in self.attn.state_dict().items()})
         tensors.update({f"eval_visual.{k}": v for k, v in self.eval_visual.state_dict().items()})
@@ -453,6 +536,7 @@ class GuiDG:
         os.makedirs(directory, exist_ok=True)
         checkpoint.save_tensors(os.path.join(directory, "weights.safetensors"), tensors)
         checkpoint.save_json(os.path.join(directory, "config.json"), {"format": "guidg-fast/1", **self.config})
+        self.dist.barrier("save: the model folder is written")
 
     @classmethod
     def load(cls, directory: str, device: str | torch.device = "cpu", classnames: Sequence[str] | None = None) -> "GuiDG":
@@ -506,6 +590,69 @@ class GuiDG:
         with torch.no_grad():
             self.learner.ctx[k].copy_(state["ctx"].to(self.learner.ctx))
         self.expert_features = None
+
+
+# ---------------------------------------------------------------------- distributed hooks
+def _all_reduce_grads_and_loss(ctx, params: list, loss: torch.Tensor) -> torch.Tensor:
+    """Sums the ranks' gradient shares of ``params`` and their loss shares in one all-reduce."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(grads[0].dtype)])
+    ctx.all_reduce_sum_(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+    return flat[-1]
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient times ``scale`` (undoes DDP's 1/world averaging for the encoder)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def _distributed_features(ctx, f_local: torch.Tensor, y_local: torch.Tensor, rows: tuple[int, int, int]):
+    """The global batch's (f, y) on every rank, differentiable only w.r.t. this rank's rows.
+
+    The guidance loss is a function of the whole batch (batch-mean CMAttn weights, a batch-mean
+    loss), so per-rank losses averaged by DDP would be another function. Instead each rank computes
+    the global loss on the assembled f; backward gives it its own rows' share of the encoder gradient,
+    which the x world_size below turns, after DDP's averaging, into the sum of the shares = the
+    one-process gradient. CMAttn sees detached f on every rank: its gradient is the full one on each
+    rank already, and DDP's average of identical values leaves it unchanged.
+    """
+    start, stop, total = rows
+    f_local = _ScaleGrad.apply(f_local, float(ctx.world_size))
+    f = ctx.assemble_rows(f_local, start, total, "all-reduce of the step-2 image features")
+    y = ctx.assemble_rows(y_local, start, total, "all-reduce of the step-2 labels")
+    return f, y
+
+
+class _EncoderAndAttention(torch.nn.Module):
+    """The module DDP wraps: the vision encoder's forward, CMAttn's parameters in the same reducer."""
+
+    def __init__(self, visual, attn):
+        super().__init__()
+        self.visual, self.attn = visual, attn
+
+    def forward(self, x):
+        return self.visual(x)
+
+
+def _ddp_encoder(visual, attn, ctx):
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    with ctx.guard("DDP setup (weight broadcast from rank 0)"):
+        return DistributedDataParallel(_EncoderAndAttention(visual, attn), device_ids=device_ids,
+                                       broadcast_buffers=False)
 
 
 # Seconds between progress-bar redraws: a terminal gets tqdm's usual 0.1 s; a file or pipe (a
