@@ -63,19 +63,39 @@ class _RunDir:
     """A run folder with a log file (everything printed) and a metrics JSON."""
 
     def __init__(self, path: str | None, command: str):
+        import io
         import os
+
+        from .train import distributed
 
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.path = path or os.path.join("runs", f"{command}-{stamp}")
-        os.makedirs(self.path, exist_ok=True)
-        self._log = open(os.path.join(self.path, "log.txt"), "a")
+        # [distributed] rank 0 alone prints and writes the folder; the other ranks keep silent (a
+        # default folder name from rank 0's clock is still the one written: only rank 0 makes it)
+        self.writes = distributed.is_main_process()
+        if self.writes:
+            os.makedirs(self.path, exist_ok=True)
+            self._log = open(os.path.join(self.path, "log.txt"), "a")
+        else:
+            self._log = io.StringIO()
         self.metrics: dict = {"command": command, "started": stamp}
 
     def print(self, *parts) -> None:
+        if not self.writes:
+            return
         line = " ".join(str(p) for p in parts)
         print(line, flush=True)
         self._log.write(line + "\n")
         self._log.flush()
+
+    def record_distributed(self, model, global_batch: int | None) -> None:
+        """world_size and the per-rank batch into metrics.json and the log."""
+        from .train import distributed
+
+        record = distributed.batch_record(model.dist, global_batch) if global_batch else {
+            "world_size": model.dist.world_size, "backend": model.dist.backend}
+        self.metrics["distributed"] = record
+        self.print("distributed: " + ", ".join(f"{k} {v}" for k, v in record.items()))
 
     def save_metrics(self) -> str:
         import os
@@ -83,7 +103,8 @@ class _RunDir:
         from .train.checkpoint import save_json
 
         path = os.path.join(self.path, "metrics.json")
-        save_json(path, self.metrics)
+        if self.writes:
+            save_json(path, self.metrics)
         return path
 
 
@@ -151,6 +172,7 @@ def cmd_train_experts(args) -> int:
     split = _load_split(args, raw_step1=args.views > 1)
     model = _new_model(args, split)
     run.print(f"step 1: {len(split.source_domains)} experts {split.source_domains}, {len(split.classnames)} classes")
+    run.record_distributed(model, args.batch_size)  # [distributed] rows of each expert's batch per rank
     losses = model.fit_experts(
         split.step1, iterations=args.iterations, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         checkpoint_dir=run.path, checkpoint_every=args.checkpoint_every, resume=args.resume, progress=True,
@@ -172,6 +194,7 @@ def cmd_finetune(args) -> int:
     run = _RunDir(args.out, "finetune")
     split = _load_split(args)
     model = GuiDG.load(args.model, device=args.device, classnames=split.classnames)
+    run.record_distributed(model, args.batch_per_domain * len(split.step2))  # [distributed]
     losses = model.finetune(
         split.step2, iterations=args.iterations, epochs=args.epochs, batch_per_domain=args.batch_per_domain,
         lr=args.lr, checkpoint_dir=run.path, checkpoint_every=args.checkpoint_every, resume=args.resume,
@@ -194,6 +217,7 @@ def cmd_evaluate(args) -> int:
     datasets = dict(split.test)
     if args.with_sources:
         datasets.update(split.step2)
+    run.record_distributed(model, None)  # [distributed] evaluation batches round-robin over ranks
     results = model.evaluate(datasets)
     _report(run, results, split)
     run.metrics["accuracy"] = results
@@ -295,6 +319,9 @@ def _add_common(p, *, demo: bool = False) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of splits, init and batches (default: 0)")
     g.add_argument("--out", default=None, help="run folder (default: runs/<command>-<time>)")
     g.add_argument("--log-every", type=int, default=1, help="write the loss to log.txt every N steps (default: 1)")
+    g.add_argument("--dist-timeout", type=float, default=None, metavar="S",
+                   help="under torchrun: seconds a collective may wait for the other ranks before the run stops "
+                        "with an error naming the rank that died (default: $GUIDG_FAST_DIST_TIMEOUT or 600)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -367,6 +394,15 @@ def main(argv=None) -> int:
         # everything after `bench` (also --help and other leading options) belongs to the bench runner
         return int(cmd_bench(argparse.Namespace(bench_args=argv[1:])) or 0)
     args = build_parser().parse_args(argv)
+    from .train import distributed
+
+    if hasattr(args, "dist_timeout") and distributed.launched_by_torchrun():
+        # [distributed] one group per process, made before any work (the run folder needs the rank)
+        distributed.setup(args.device, timeout_s=args.dist_timeout)
+        try:
+            return int(args.func(args) or 0)
+        finally:
+            distributed.shutdown()
     return int(args.func(args) or 0)
 
 

@@ -109,7 +109,6 @@ class Watchdog:
         self._last_value: dict[int, int] = {}
         self.silent: dict[int, float] = {}  # rank -> seconds without a heartbeat
         self.store_error: str | None = None
-        self.in_guard = 0
         self._thread = threading.Thread(target=self._run, name=f"guidg_fast-watchdog-{rank}", daemon=True)
 
     def start(self) -> "Watchdog":
@@ -182,6 +181,7 @@ class DistContext:
     timeout_s: float = DEFAULT_TIMEOUT_S
     owns_group: bool = False
     watchdog: Watchdog | None = None
+    _where: list = field(default_factory=list)  # the open guards, outermost first
 
     @property
     def enabled(self) -> bool:
@@ -202,8 +202,7 @@ class DistContext:
         if not self.enabled:
             yield
             return
-        if self.watchdog is not None:
-            self.watchdog.in_guard += 1
+        self._where.append(what)
         try:
             yield
         except DistributedError:
@@ -211,10 +210,12 @@ class DistContext:
         except Exception as exc:
             if not _looks_distributed(exc):
                 raise
-            raise DistributedError(self._failure_message(what, exc)) from exc
+            message = self._failure_message(" / ".join(self._where), exc)
+            if self.watchdog is not None:  # the group is unusable now: no exit on top of the error
+                self.watchdog.stop()
+            raise DistributedError(message) from exc
         finally:
-            if self.watchdog is not None:
-                self.watchdog.in_guard -= 1
+            self._where.pop()
 
     def _failure_message(self, what: str, exc: BaseException) -> str:
         head = f"rank {self.rank} of {self.world_size}: {what} failed"
@@ -345,6 +346,13 @@ def setup(device: str | torch.device = "cpu", timeout_s: float | None = None, wa
     _CONTEXT = DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend,
                            timeout_s=timeout_s, owns_group=owns, watchdog=dog)
     return _CONTEXT
+
+
+def batch_record(ctx: DistContext, global_batch: int) -> dict:
+    """What metrics.json and the log say about the split: world size and each rank's rows per step."""
+    sizes = [hi - lo for lo, hi in row_bounds(global_batch, ctx.world_size)]
+    return {"world_size": ctx.world_size, "backend": ctx.backend, "global_batch": global_batch,
+            "per_rank_batch": sizes}
 
 
 def shutdown() -> None:

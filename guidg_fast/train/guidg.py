@@ -296,7 +296,7 @@ class GuiDG:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.dist.enabled:  # [distributed] sum the ctx gradient shares (and the loss) over ranks
-                with self.dist.guard(f"step 1, step {step + 1}: all-reduce of the ctx gradient"):
+                with self.dist.guard(f"step 1 (experts) iteration {step + 1}: all-reduce of the ctx gradient"):
                     loss = _all_reduce_grads_and_loss(self.dist, [self.learner.ctx], loss)
             optimizer.step()
             scheduler.step()
@@ -423,7 +423,7 @@ class GuiDG:
         try:
             for step in bar:
                 t0 = time.perf_counter()
-                with self.dist.guard(f"step 2, step {step + 1}"):
+                with self.dist.guard(f"step 2 (fine-tune) iteration {step + 1}"):
                     x, y = self._step2_batch(datasets, names, sizes, batch_per_domain, step,
                                              rows=rows[:2] if rows else None)
                     loss, w = self.step2_loss(x, y, encoder=encoder, rows=rows)
@@ -651,8 +651,7 @@ def _ddp_encoder(visual, attn, ctx):
 
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     with ctx.guard("DDP setup (weight broadcast from rank 0)"):
-        return DistributedDataParallel(_EncoderAndAttention(visual, attn), device_ids=device_ids,
-                                       broadcast_buffers=False)
+        return DistributedDataParallel(_EncoderAndAttention(visual, attn), device_ids=device_ids)
 
 
 # Seconds between progress-bar redraws: a terminal gets tqdm's usual 0.1 s; a file or pipe (a
