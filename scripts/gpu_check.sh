@@ -9,8 +9,8 @@
 #   bash scripts/gpu_check.sh [--quick]
 # Knobs: TEST_TIMEOUT (s, default 200), DEMO_TIMEOUT (s, 0 = skip, default 0), BENCH_TIMEOUT (s, 200),
 # BENCH_ONLY (entries of the default-backend run), EXT_ONLY (entries of the ext run, "" skips it),
-# The bench run includes ddp_scaling: step-2 img/s on 1 rank vs one rank per visible GPU (NCCL).
 # EXT_TIMEOUT (s, 120).
+# The bench run includes ddp_scaling: step-2 img/s on 1 rank vs one rank per visible GPU (NCCL).
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/gpu-out}

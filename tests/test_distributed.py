@@ -63,15 +63,15 @@ def parity_work(out: str) -> dict:
     res["ctx"] = m1.learner.ctx.detach().clone()
 
     m2 = _model()
-    res["step2_loss"] = m2.finetune(_data(10), iterations=STEP2_STEPS, batch_per_domain=3, lr=STEP2_LR)
+    # the uninterrupted run leaves its state after step 2 behind (rank 0 writes it) for the resume below
+    res["step2_loss"] = m2.finetune(_data(10), iterations=STEP2_STEPS, batch_per_domain=3, lr=STEP2_LR,
+                                    checkpoint_dir=out, checkpoint_every=2)
     res["visual"], res["attn"], res["bma"] = _state(m2.model.visual), _state(m2.attn), _state(m2.eval_visual)
     res["eval"] = m2.evaluate({"t": ShiftedImages(11, 99)}, batch_size=4)
     res["world_size"] = m2.dist.world_size
 
-    interrupted = _model()
-    interrupted.finetune(_data(10), iterations=3, batch_per_domain=3, lr=1e-3, checkpoint_dir=out, checkpoint_every=2)
     resumed = _model()
-    resumed.finetune(_data(10), iterations=3, batch_per_domain=3, lr=1e-3,
+    resumed.finetune(_data(10), iterations=STEP2_STEPS, batch_per_domain=3, lr=STEP2_LR,
                      resume=os.path.join(out, "step2_state.pt"))
     res["resumed_loss"] = resumed.history["step2"]
     res["resumed_visual"], res["resumed_bma"] = _state(resumed.model.visual), _state(resumed.eval_visual)
