@@ -3,7 +3,8 @@
 Each provider is a pool of persistent rank processes (spawned once per case, torchrun's environment
 variables set by hand, one torch thread per rank on the CPU, gloo; NCCL and one GPU per rank on
 CUDA). One timed call = one step-2 iteration of the trainer's distributed path on the same global
-batch (GuiDG.step2_loss over the DDP encoder, backward, fused AdamW, BMA) on every rank at once.
+batch (the trainer's Step2Iteration: DDP encoder forward on the rank's rows, the feature gather,
+the global guidance loss and its backward, the encoder backward, fused AdamW, BMA) on every rank.
 Parity compares the first iteration's loss of the two pools: the same global batch, so the same
 loss up to fp32 reduction order. The extras give images per second for each pool and the scaling
 efficiency (N-rank img/s / (N x 1-rank img/s)).
@@ -51,25 +52,25 @@ def _rank_loop(rank, world, port, case, device, conn):
         torch.set_num_threads(1)
     from guidg_fast.averaging import BetaMovingAverage
     from guidg_fast.train import GuiDG, distributed
-    from guidg_fast.train.guidg import _ddp_encoder
+    from guidg_fast.train.steps import PhaseTimer, Step2Iteration
 
     model = GuiDG(case["arch"], None, [f"class {i}" for i in range(case["C"])], _DOMAINS[: case["K"]],
                   device="cuda" if device.startswith("cuda") else "cpu", n_ctx=4)
     model.refresh_expert_features()
     visual = model.model.visual.train().requires_grad_(True)
-    ctx = model.dist
-    encoder = _ddp_encoder(visual, model.attn, ctx) if ctx.enabled else None
+    encode, global_batch, rows = model.step2_distributed(visual, case["B"])
     params = list(visual.parameters()) + list(model.attn.parameters())
     optimizer = torch.optim.AdamW(params, lr=5e-6, weight_decay=0.1, fused=True)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=1000)
     bma = BetaMovingAverage(visual, total_steps=1000)
+    iteration = Step2Iteration(encode, model._guidance_loss, optimizer, scheduler, bma, None, global_batch=global_batch)
+    timer = PhaseTimer(None, model.device)
     size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
     g = torch.Generator().manual_seed(1)  # the same global batch in every pool
     x = torch.randn(case["B"], 3, size, size, generator=g)
     y = torch.randint(0, case["C"], (case["B"],), generator=g)
-    rows = None
-    if ctx.enabled:
-        lo, hi = distributed.row_bounds(case["B"], world)[rank]
-        rows, x, y = (lo, hi, case["B"]), x[lo:hi], y[lo:hi]
+    if rows is not None:
+        x, y = x[rows[0] : rows[1]], y[rows[0] : rows[1]]
     x, y = x.to(model.device), y.to(model.device)
     conn.send("ready")
     while True:
@@ -77,12 +78,8 @@ def _rank_loop(rank, world, port, case, device, conn):
         if command == "stop":
             break
         t0 = time.perf_counter()
-        loss, _ = model.step2_loss(x, y, encoder=encoder, rows=rows)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        bma.update()
-        value = float(loss.detach())  # also waits for the device
+        loss = iteration(x, y, timer)
+        value = float(loss)  # also waits for the device
         conn.send((value, time.perf_counter() - t0))
     distributed.shutdown()
 
