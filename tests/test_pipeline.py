@@ -12,6 +12,7 @@ from guidg_fast.data import DomainFolder, ImageCacheStore, clip_transform, domai
 from guidg_fast.data.loaders import STEP2_STREAM, DomainBalancedBatches, EvalFeed, Step2Feed
 from guidg_fast import reference
 from guidg_fast.train import GuiDG
+from guidg_fast.train.guidg import STEP2_STATE
 from conftest import rel_err
 
 CLASSES = ["circle", "square", "triangle"]
@@ -211,7 +212,7 @@ def test_step2_resume_with_workers_equals_uninterrupted(jpeg_root, tmp_path):
     full = run(workers=0, phase_times=phases)  # in process: also the reference for the worker runs
     assert set(phases) == {"data", "encoder", "guidance", "optimizer", "bma"} and all(v > 0 for v in phases.values())
     run(checkpoint_dir=str(tmp_path), checkpoint_every=2)
-    resumed = run(resume=str(tmp_path / "step2_state.pt"))
+    resumed = run(resume=str(tmp_path / STEP2_STATE))
     assert full.history["step2"] == resumed.history["step2"]
     for (k, a), b in zip(full.eval_visual.state_dict().items(), resumed.eval_visual.state_dict().values()):
         assert torch.equal(a, b), k
