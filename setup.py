@@ -51,7 +51,7 @@ def _extensions():
     import torch
     from torch.utils import cpp_extension
 
-    sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/autograd/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     cxx_flags = ["-O3", "-fopenmp"]
     if _want_cuda(torch):

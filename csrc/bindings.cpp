@@ -1,6 +1,8 @@
-// Operator schemas of guidg_fast._C, declared once. CPU kernels register in csrc/cpu, CUDA kernels
-// in csrc/cuda, the device-generic compositions with a C++ autograd formula in csrc/autograd; fake
-// (meta) functions and the torch.compile autograd formulas are registered from Python (guidg_fast/ops).
+// Operator schemas of guidg_fast._C, declared once: each op's forward and backward kernels, one CPU
+// implementation (csrc/cpu) and one CUDA implementation (csrc/cuda) each. They are the `ext` backend
+// of the op's torch.library custom op in guidg_fast/ops, which holds the fake function and the
+// autograd formula and calls these inside; prefix_attention_packed (CPU only, no other backend)
+// takes its fake and autograd formula on these operators directly.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -47,7 +49,7 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 }
 
-// One block per op, in the order of DESIGN.md; keep a blank line between blocks.
+// One block per op, in the order of docs/design.md; keep a blank line between blocks.
 TORCH_LIBRARY(guidg_fast, m) {
   // --- bma_update_ ---
   // In place: averaged[i] <- (averaged[i] + r * tensors[i]) / (1 + r) for every i, one call.
@@ -60,13 +62,6 @@ TORCH_LIBRARY(guidg_fast, m) {
   m.def("cmattn_forward(Tensor q, Tensor keys, bool cosine) -> Tensor");
   // -> (dq (B, H, D), dkey (K, H, D)) for the upstream gradient grad_out (B, K).
   m.def("cmattn_backward(Tensor grad_out, Tensor q, Tensor keys, bool cosine) -> (Tensor, Tensor)");
-  // The whole op, GEMMs included (csrc/autograd/cmattn.cpp): out (B, K) for f (B, D), T (K, C, D),
-  // wv (H, D, D), bv (H, D), wt (H, C), bt (H,); differentiable (a C++ autograd formula).
-  m.def("cmattn(Tensor f, Tensor T, Tensor wv, Tensor bv, Tensor wt, Tensor bt, bool cosine) -> Tensor");
-  // Its two halves: (out, q, keys) and the gradients (df, dT, dwv, dbv, dwt, dbt) asked for in needs
-  // (the others come back empty); what torch.compile's custom op calls for the extension backend.
-  m.def("cmattn_fused_forward(Tensor f, Tensor T, Tensor wv, Tensor bv, Tensor wt, Tensor bt, bool cosine) -> (Tensor, Tensor, Tensor)");
-  m.def("cmattn_fused_backward(Tensor grad_out, Tensor f, Tensor T, Tensor wv, Tensor wt, Tensor q, Tensor keys, bool cosine, bool[6] needs) -> Tensor[]");
 
   // --- multi_expert_loss ---
   // Forward: (loss, lse (B, K), ce (B, K), o (B, K, D) or empty, pbar (K, C) or empty). o is the
@@ -78,18 +73,6 @@ TORCH_LIBRARY(guidg_fast, m) {
   m.def("multi_expert_loss_backward(Tensor grad, Tensor f, Tensor T, Tensor y, Tensor w, Tensor lse, Tensor ce, "
         "Tensor o, Tensor pbar, float temperature, float margin, float entropy_weight, bool need_f, bool need_T, "
         "bool need_w) -> (Tensor, Tensor, Tensor)");
-  // The whole loss (csrc/autograd/multi_expert_loss.cpp), differentiable w.r.t. f, T and w (a C++
-  // autograd formula over the two kernels above); fp16 / bf16 inputs compute in fp32, y may be int32.
-  m.def("multi_expert_loss(Tensor f, Tensor T, Tensor y, Tensor w, float temperature, float margin, "
-        "float entropy_weight) -> Tensor");
-
-  // --- guidance_loss (cmattn + expert weights + multi_expert_loss, GuiDG's step-2 guidance) ---
-  // One autograd node (csrc/autograd/guidance.cpp): w = cmattn(f.detach(), T.detach(), ...) averaged
-  // over the batch (per_sample false) or kept per sample, loss = multi_expert_loss(f, T, y, w, ...).
-  // -> (loss, w); w is not differentiable (it is returned for logging). Gradients flow to f and T
-  // through the loss and to wv, bv, wt, bt through w, as in the two ops composed.
-  m.def("guidance_loss(Tensor f, Tensor T, Tensor y, Tensor wv, Tensor bv, Tensor wt, Tensor bt, float temperature, "
-        "float margin, float entropy_weight, bool cosine, bool per_sample) -> (Tensor, Tensor)");
 
   // --- ensemble_logits ---
   // out (B, C) = temperature * sum_k w_k f @ T_k^T; w (K,) batch or (B, K) per-sample weights.

@@ -1,6 +1,6 @@
 """guidg-fast: fused-kernel engine for GuiDG training and inference.
 
-Public API (names are a contract; see DESIGN.md):
+Public API (names are a contract; see docs/design.md):
     load_clip, ExpertPromptLearner, encode_expert_prompts, CrossModalAttention,
     BetaMovingAverage, wise_ft, ops.<fused ops>, reference.<eager oracle>, GuiDG (trainer, lazy)
 """

@@ -188,49 +188,6 @@ def check_multi_expert_loss_args(f, T, y, w, temperature, margin, entropy_weight
     return B, K, C, D, tau, values[0], values[1]
 
 
-_INDEX_DTYPES = (torch.int64, torch.int32)
-
-
-def _plain_number(x) -> bool:
-    return type(x) in (int, float) and math.isfinite(x)
-
-
-def check_guidance_args(f, T, y, wv, bv, wt, bt, temperature, margin, entropy_weight, metric, per_sample: bool):
-    """Every argument check of ``ops.guidance_loss`` except the value checks of y (the fused op
-    bound-checks the labels); returns (tau, margin, entropy_weight) as floats.
-
-    Once per training step, so the common case is one predicate over shapes, dtypes and devices
-    (a few microseconds); anything it does not accept at a glance goes through the detailed checks
-    of the two ops, which raise the ValueError naming the argument (or accept it after all).
-    """
-    T_ = torch.Tensor
-    if (
-        type(f) is T_ and type(T) is T_ and type(y) is T_ and type(wv) is T_ and type(bv) is T_
-        and type(wt) is T_ and type(bt) is T_ and metric in ("cosine", "dotproduct")
-        and _plain_number(temperature) and temperature > 0 and _plain_number(margin) and _plain_number(entropy_weight)
-        and f.dim() == 2 and T.dim() == 3 and wv.dim() == 3 and bv.dim() == 2 and wt.dim() == 2 and bt.dim() == 1
-        and y.dim() == 1 and f.is_floating_point() and y.dtype in _INDEX_DTYPES
-    ):
-        B, D = f.shape
-        K, C, D_t = T.shape
-        H = wv.shape[0]
-        dtype, device = f.dtype, f.device
-        if (
-            D_t == D and B > 0 and K > 0 and C > 0 and D > 0 and H > 0 and y.shape[0] == B
-            and wv.shape == (H, D, D) and bv.shape == (H, D) and wt.shape == (H, C) and bt.shape == (H,)
-            and T.dtype == dtype and wv.dtype == dtype and bv.dtype == dtype and wt.dtype == dtype and bt.dtype == dtype
-            and T.device == device and y.device == device and wv.device == device and bv.device == device
-            and wt.device == device and bt.device == device
-        ):
-            return float(temperature), float(margin), float(entropy_weight)
-    B, K, _, _, _ = check_cmattn_params(f, T, wv, bv, wt, bt, metric)
-    _, _, _, _, tau, margin, entropy_weight = check_multi_expert_loss_args(
-        f, T, y, f.new_empty((B, K) if per_sample else (K,)), temperature, margin, entropy_weight,
-        check_values=False, defer_temperature=False,
-    )
-    return tau, margin, entropy_weight
-
-
 def name_non_finite(named_tensors, fallback: str = "w") -> str:
     """The first of the caller's tensors holding NaN or Inf, for an error about a derived value."""
     for name, t in named_tensors:

@@ -54,9 +54,9 @@ def cmd_info(args) -> int:
         print(f"extension guidg_fast._C: NOT built ({ext['error']})")
     if data["forced_backend"]:
         print(f"forced backend (GUIDG_FAST_BACKEND): {data['forced_backend']}")
-    print(f"{'op':<24}{'CPU backend':<30}{'CUDA backend'}")
+    print(f"{'op':<24}{'CPU backend':<42}{'CUDA backend'}")
     for name, where in data["backends"].items():
-        print(f"{name:<24}{where['cpu']:<30}{where['cuda']}")
+        print(f"{name:<24}{where['cpu']:<42}{where['cuda']}")
     return 0
 
 
@@ -85,8 +85,11 @@ def _interrupted(argv: list) -> int:
     import os
     import shlex
 
+    from .train import distributed
     from .train.guidg import STEP1_STATE, STEP2_STATE
 
+    if not distributed.is_main_process():  # [distributed] rank 0 speaks for the run
+        return 130
     print("\ninterrupted (Ctrl-C).", file=sys.stderr)
     run = _current_run
     states = [] if run is None else [os.path.join(run.path, n) for n in (STEP2_STATE, STEP1_STATE)
@@ -108,8 +111,12 @@ def _interrupted(argv: list) -> int:
         if a.startswith(("--resume=", "--out=")):
             continue
         rest.append(a)
-    resume = ["guidg-fast", *command, *rest, "--resume", state, "--out", run.path]
-    print(f"last checkpoint: {state}\nresume with:\n  {shlex.join(resume)}", file=sys.stderr)
+    resume = shlex.join([*command, *rest, "--resume", state, "--out", run.path])
+    if distributed.launched_by_torchrun():  # [distributed] the same launch again (its options are torchrun's, not ours)
+        resume = f"torchrun <the same torchrun options> -m guidg_fast {resume}"
+    else:
+        resume = f"guidg-fast {resume}"
+    print(f"last checkpoint: {state}\nresume with:\n  {resume}", file=sys.stderr)
     return 130
 
 
@@ -117,21 +124,41 @@ class _RunDir:
     """A run folder with a log file (everything printed) and a metrics JSON."""
 
     def __init__(self, path: str | None, command: str):
+        import io
         import os
+
+        from .train import distributed
 
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.path = path or os.path.join("runs", f"{command}-{stamp}")
-        os.makedirs(self.path, exist_ok=True)
+        # [distributed] rank 0 alone prints and writes the folder; the other ranks keep silent (a
+        # default folder name from rank 0's clock is still the one written: only rank 0 makes it)
+        self.writes = distributed.is_main_process()
         global _current_run
         _current_run = self
-        self._log = open(os.path.join(self.path, "log.txt"), "a")
+        if self.writes:
+            os.makedirs(self.path, exist_ok=True)
+            self._log = open(os.path.join(self.path, "log.txt"), "a")
+        else:
+            self._log = io.StringIO()
         self.metrics: dict = {"command": command, "started": stamp}
 
     def print(self, *parts) -> None:
+        if not self.writes:
+            return
         line = " ".join(str(p) for p in parts)
         print(line, flush=True)
         self._log.write(line + "\n")
         self._log.flush()
+
+    def record_distributed(self, model, global_batch: int | None) -> None:
+        """world_size and the per-rank batch into metrics.json and the log."""
+        from .train import distributed
+
+        record = distributed.batch_record(model.dist, global_batch) if global_batch else {
+            "world_size": model.dist.world_size, "backend": model.dist.backend}
+        self.metrics["distributed"] = record
+        self.print("distributed: " + ", ".join(f"{k} {v}" for k, v in record.items()))
 
     def save_metrics(self) -> str:
         import os
@@ -139,7 +166,8 @@ class _RunDir:
         from .train.checkpoint import save_json
 
         path = os.path.join(self.path, "metrics.json")
-        save_json(path, self.metrics)
+        if self.writes:
+            save_json(path, self.metrics)
         return path
 
 
@@ -245,6 +273,7 @@ def cmd_train_experts(args) -> int:
     split = _load_split(args, raw_step1=args.views > 1)
     model = _new_model(args, split)
     run.print(f"step 1: {len(split.source_domains)} experts {split.source_domains}, {len(split.classnames)} classes")
+    run.record_distributed(model, args.batch_size)  # [distributed] rows of each expert's batch per rank
     losses = model.fit_experts(
         split.step1, iterations=args.iterations, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         checkpoint_dir=run.path, checkpoint_every=args.checkpoint_every, resume=args.resume, progress=True,
@@ -267,6 +296,7 @@ def cmd_finetune(args) -> int:
     split = _load_split(args)
     model = GuiDG.load(args.model, device=args.device, classnames=split.classnames, precision=args.precision)
     model.config.update(baseline=args.baseline, weight_mode=args.weight_mode)  # step-2 choices (see --baseline)
+    run.record_distributed(model, args.batch_per_domain * len(split.step2))  # [distributed]
     losses = model.finetune(
         split.step2, iterations=args.iterations, epochs=args.epochs, batch_per_domain=args.batch_per_domain,
         lr=args.lr, checkpoint_dir=run.path, checkpoint_every=args.checkpoint_every, resume=args.resume,
@@ -286,6 +316,7 @@ def cmd_evaluate(args) -> int:
     run = _RunDir(args.out, "evaluate")
     split = _load_split(args)
     model = GuiDG.load(args.model, device=args.device, classnames=split.classnames, precision=args.precision)
+    run.record_distributed(model, None)  # [distributed] evaluation batches round-robin over ranks
     results = model.evaluate(_evaluation_sets(split, args.image_size, args.with_sources), **_pipeline(args))
     _report(run, results, split)
     run.metrics["accuracy"] = results
@@ -491,6 +522,9 @@ def _add_common(p, *, demo: bool = False, saved: str | None = None) -> None:
     g.add_argument("--image-cache", default=None, metavar="DIR",
                    help="keep decoded, resized images as memory-mapped uint8 files in DIR, reused while files and "
                         "transform are unchanged (default: none, in memory)")
+    g.add_argument("--dist-timeout", type=float, default=None, metavar="S",
+                   help="under torchrun: seconds a collective may wait for the other ranks before the run stops "
+                        "with an error naming the rank that died (default: $GUIDG_FAST_DIST_TIMEOUT or 600)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -569,10 +603,18 @@ def main(argv=None) -> int:
     _current_run = None
     _apply_saved_model(args)
     _resolve_image_size(args)
+    from .train import distributed
+
+    torchrun = hasattr(args, "dist_timeout") and distributed.launched_by_torchrun()
     try:
+        if torchrun:  # [distributed] one group per process, made before any work (the run folder needs the rank)
+            distributed.setup(args.device, timeout_s=args.dist_timeout)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return _interrupted(argv)
+    finally:
+        if torchrun:
+            distributed.shutdown()
 
 
 if __name__ == "__main__":

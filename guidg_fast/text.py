@@ -1,7 +1,7 @@
 """encode_expert_prompts: (K, C, D) normalised text features of all experts in one shared-prefix pass.
 
 The reference runs one full 77-token text pass per expert. This pass computes the same features
-with three exact identities of a causal text tower (GUIDG_SPEC, "exact shortcuts" 1-3):
+with three exact identities of a causal text tower (docs/guidg_math.md, "Exact shortcuts" 1-3):
 
 1. EOT truncation: a class's feature depends only on its tokens 0..EOT, so every token after its
    own EOT is dropped. Classes are grouped by their suffix length (one group per distinct EOT

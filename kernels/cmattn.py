@@ -18,11 +18,12 @@ but doubled dq on an H200 (triton 3.6) once the batch block reached 16 rows.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import new_output
 
 COSINE_EPS = 1e-8  # torch.nn.functional.cosine_similarity's default
 
@@ -165,12 +166,6 @@ def _check(q: torch.Tensor, keys: torch.Tensor) -> None:
         raise ValueError(f"q and keys must share a float32/float64 dtype, got {q.dtype} and {keys.dtype}")
 
 
-def _new(shape, like: torch.Tensor) -> torch.Tensor:
-    if os.environ.get("GUIDG_FAST_POISON") == "1":
-        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
-
-
 def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -180,7 +175,7 @@ def cmattn_forward(q: torch.Tensor, keys: torch.Tensor, cosine: bool) -> torch.T
     _check(q, keys)
     B, H, D = q.shape
     K = keys.shape[0]
-    out = _new((B, K), q)
+    out = new_output((B, K), q)
     block_b, block_k, block_d = _blocks(B, K, D)
     _cmattn_forward_kernel[(triton.cdiv(B, block_b),)](
         q, keys, out, B, K, H, D,
@@ -198,8 +193,8 @@ def cmattn_backward(grad_out: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,
     grad_out = grad_out.to(q.dtype).contiguous()
     if tuple(grad_out.shape) != (B, K):
         raise ValueError(f"grad_out must have shape ({B}, {K}) = (B, K), got {tuple(grad_out.shape)}")
-    dq = _new((B, H, D), q)
-    dkey = _new((K, H, D), keys)
+    dq = new_output((B, H, D), q)
+    dkey = new_output((K, H, D), keys)
     block_b, block_k, block_d = _blocks(B, K, D)
     _cmattn_backward_kernel[(H, triton.cdiv(D, block_d))](
         grad_out, q, keys, dq, dkey, B, K, H, D,

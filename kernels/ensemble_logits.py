@@ -16,11 +16,12 @@ No autograd here: guidg_fast/ops/ensemble_logits.py wires these into torch.libra
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import new_output
 
 # One pinned config (no autotuning): tl.dot needs every dimension >= 16.
 _BLOCK_C = 32
@@ -34,13 +35,6 @@ def _block_b(B: int) -> int:
 
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _alloc(shape, like: torch.Tensor) -> torch.Tensor:
-    # GUIDG_FAST_POISON=1: outputs start as NaN so that an element a kernel forgets to write fails parity.
-    if os.environ.get("GUIDG_FAST_POISON") == "1":
-        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
 @triton.jit
@@ -200,7 +194,7 @@ def ensemble_logits_forward(f: torch.Tensor, T: torch.Tensor, w: torch.Tensor, t
     B, D = f.shape
     K, C, _ = T.shape
     per_sample = w.dim() == 2
-    out = _alloc((B, C), f)
+    out = new_output((B, C), f)
     block_b, n_b, n_c, _ = _grid_dims(B, C, D)
     _ensemble_logits_forward_kernel[(n_b, n_c)](
         f, T, w, out, B, K, C, D, float(temperature), K if per_sample else 0,
@@ -225,8 +219,8 @@ def ensemble_logits_backward(grad: torch.Tensor, f: torch.Tensor, T: torch.Tenso
     run_f = need_f or (need_w and per_sample)
     run_T = need_T or (need_w and not per_sample)
     if run_f:
-        grad_f = _alloc((B, D), f) if need_f else f.new_empty(0)
-        part = (_alloc((n_d, B, K), f) if need_w and per_sample else f.new_empty(0))
+        grad_f = new_output((B, D), f) if need_f else f.new_empty(0)
+        part = (new_output((n_d, B, K), f) if need_w and per_sample else f.new_empty(0))
         _ensemble_logits_backward_kernel[(n_b, n_d)](
             grad, f, T, w, grad_f, part, B, K, C, D, tau, stride_wb,
             PER_SAMPLE=per_sample, STORE_F=need_f, STORE_W=need_w and per_sample, ACC=acc,
@@ -237,8 +231,8 @@ def ensemble_logits_backward(grad: torch.Tensor, f: torch.Tensor, T: torch.Tenso
         if not need_f:
             grad_f = None
     if run_T:
-        grad_T = _alloc((K, C, D), T) if need_T else T.new_empty(0)
-        part = _alloc((n_c * n_d, K), f) if need_w and not per_sample else f.new_empty(0)
+        grad_T = new_output((K, C, D), T) if need_T else T.new_empty(0)
+        part = new_output((n_c * n_d, K), f) if need_w and not per_sample else f.new_empty(0)
         _ensemble_logits_backward_T_kernel[(n_c, n_d)](
             grad, f, T, w, grad_T, part, B, K, C, D, tau, stride_wb,
             PER_SAMPLE=per_sample, STORE_T=need_T, STORE_W=need_w and not per_sample, ACC=acc,

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import new_output
+
 NUM_WARPS = 4
 BLOCK_COLS = 64  # columns per program of the parameter-gradient reduction
 BLOCK_ROWS = 16
@@ -115,19 +117,13 @@ def _eot_project_param_grad_kernel(
     tl.store(db_ptr + cols, db, mask=ok)
 
 
-def _new(shape, like, poison):
-    if poison:
-        return torch.full(shape, float("nan"), dtype=torch.float32, device=like.device)
-    return torch.empty(shape, dtype=torch.float32, device=like.device)
-
-
 def _check_fp32(*tensors):
     for t in tensors:
         if t.dtype != torch.float32:
             raise ValueError(f"the Triton eot_project kernels take float32 tensors, got {t.dtype}")
 
 
-def eot_project_forward(x, eot_index, ln_weight, ln_bias, proj, eps: float, poison: bool = False):
+def eot_project_forward(x, eot_index, ln_weight, ln_bias, proj, eps: float):
     """out (N, D), xhat (N, W), rstd (N,), inv_norm (N,)."""
     _check_fp32(x, ln_weight, ln_bias, proj)
     if x.stride(2) != 1:
@@ -136,23 +132,22 @@ def eot_project_forward(x, eot_index, ln_weight, ln_bias, proj, eps: float, pois
     ln_weight, ln_bias = ln_weight.contiguous(), ln_bias.contiguous()
     N, S, W = x.shape
     D = proj.shape[1]
-    xhat = _new((N, W), x, poison)
-    y = _new((N, W), x, poison)
-    rstd = _new((N,), x, poison)
+    xhat = new_output((N, W), x, torch.float32)
+    y = new_output((N, W), x, torch.float32)
+    rstd = new_output((N,), x, torch.float32)
     BLOCK_W = triton.next_power_of_2(W)
     _eot_project_forward_kernel[(N,)](
         x, eot_index, ln_weight, ln_bias, xhat, y, rstd, x.stride(0), x.stride(1), S, W, float(eps),
         BLOCK_W=BLOCK_W, num_warps=NUM_WARPS,
     )
     z = torch.matmul(y, proj).contiguous()
-    out = _new((N, D), x, poison)
-    inv_norm = _new((N,), x, poison)
+    out = new_output((N, D), x, torch.float32)
+    inv_norm = new_output((N,), x, torch.float32)
     _eot_project_normalize_kernel[(N,)](z, out, inv_norm, D, BLOCK_D=triton.next_power_of_2(D), num_warps=NUM_WARPS)
     return out, xhat, rstd, inv_norm
 
 
-def eot_project_backward(grad_out, out, inv_norm, xhat, rstd, eot_index, x, ln_weight, ln_bias, proj,
-                         poison: bool = False):
+def eot_project_backward(grad_out, out, inv_norm, xhat, rstd, eot_index, x, ln_weight, ln_bias, proj):
     """dx (N, S, W) (zero except the EOT rows), d ln_weight, d ln_bias, d proj."""
     _check_fp32(grad_out, out, inv_norm, xhat, rstd, x, ln_weight, ln_bias, proj)
     grad_out, out, inv_norm = grad_out.contiguous(), out.contiguous(), inv_norm.contiguous()
@@ -161,8 +156,8 @@ def eot_project_backward(grad_out, out, inv_norm, xhat, rstd, eot_index, x, ln_w
     N, S, W = x.shape
     D = proj.shape[1]
     BLOCK_W, BLOCK_D = triton.next_power_of_2(W), triton.next_power_of_2(D)
-    gz = _new((N, D), x, poison)
-    y = _new((N, W), x, poison)
+    gz = new_output((N, D), x, torch.float32)
+    y = new_output((N, W), x, torch.float32)
     _eot_project_normalize_backward_kernel[(N,)](
         grad_out, out, inv_norm, xhat, ln_weight, ln_bias, gz, y, D, W,
         BLOCK_D=BLOCK_D, BLOCK_W=BLOCK_W, num_warps=NUM_WARPS,
@@ -172,8 +167,8 @@ def eot_project_backward(grad_out, out, inv_norm, xhat, rstd, eot_index, x, ln_w
     dx = torch.zeros((N, S, W), dtype=torch.float32, device=x.device)
     _eot_project_backward_kernel[(N,)](gy, xhat, ln_weight, rstd, eot_index, dx, S, W, BLOCK_W=BLOCK_W,
                                        num_warps=NUM_WARPS)
-    dw = _new((W,), x, poison)
-    db = _new((W,), x, poison)
+    dw = new_output((W,), x, torch.float32)
+    db = new_output((W,), x, torch.float32)
     _eot_project_param_grad_kernel[(triton.cdiv(W, BLOCK_COLS),)](
         gy, xhat, dw, db, N, W, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=BLOCK_COLS, num_warps=NUM_WARPS,
     )

@@ -12,11 +12,12 @@ same tensors as the C++ operators guidg_fast::multi_expert_loss_forward / _backw
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import new_output
 
 ENTROPY_EPS = tl.constexpr(1e-5)
 BLOCK_B = 16  # feature rows per program / per step (>= 16: tl.dot minimum)
@@ -41,13 +42,6 @@ def _block_d(D: int) -> int:
 
 def _num_warps(block_d: int) -> int:
     return 4 if block_d <= 128 else 8
-
-
-def _alloc(shape, like: torch.Tensor) -> torch.Tensor:
-    """Output buffer; NaN-filled under GUIDG_FAST_POISON=1 so an element no kernel writes shows up."""
-    if os.environ.get("GUIDG_FAST_POISON") == "1":
-        return torch.full(shape, float("nan"), dtype=torch.float32, device=like.device)
-    return torch.empty(shape, dtype=torch.float32, device=like.device)
 
 
 @triton.jit
@@ -383,11 +377,11 @@ def multi_expert_loss_forward(f, T, y, w, temperature: float, margin: float, ent
     need_o = need_o and not entropy
     block_d = _block_d(D)
     warps = _num_warps(block_d)
-    loss = _alloc((), f)
-    lse = _alloc((B, K), f)
-    ce = _alloc((B, K), f)
-    o = _alloc((B, K, D), f) if need_o else f.new_empty((0,))
-    pbar = _alloc((K, C), f) if entropy else f.new_empty((0,))
+    loss = new_output((), f, torch.float32)
+    lse = new_output((B, K), f, torch.float32)
+    ce = new_output((B, K), f, torch.float32)
+    o = new_output((B, K, D), f, torch.float32) if need_o else f.new_empty((0,))
+    pbar = new_output((K, C), f, torch.float32) if entropy else f.new_empty((0,))
     inv_batch = 1.0 / B
     spare = torch.empty((1,), dtype=torch.float32, device=f.device)
     row_blocks = triton.cdiv(B, BLOCK_B)
@@ -412,7 +406,7 @@ def multi_expert_loss_forward(f, T, y, w, temperature: float, margin: float, ent
             NEED_O=need_o, BLOCK_B=BLOCK_B, BLOCK_D=block_d, num_warps=warps,
         )
     n_tiles = triton.cdiv(C, BLOCK_C)
-    partial = _alloc((K * n_tiles,), f) if entropy else spare
+    partial = new_output((K * n_tiles,), f, torch.float32) if entropy else spare
     if entropy:
         _multi_expert_loss_entropy_kernel[(K, n_tiles)](
             f, T, y, lse, pbar, partial, B, K, C, D, float(temperature), float(margin), inv_batch,
@@ -444,9 +438,9 @@ def multi_expert_loss_backward(grad, f, T, y, w, lse, ce, o, pbar, temperature: 
     block_d = _block_d(D)
     warps = _num_warps(block_d)
     inv_batch = 1.0 / B
-    df = _alloc((B, D), f) if need_f else f.new_empty((0,))
-    dT = _alloc((K, C, D), f) if need_T else f.new_empty((0,))
-    dw = _alloc(tuple(w.shape), f) if need_w else f.new_empty((0,))
+    df = new_output((B, D), f, torch.float32) if need_f else f.new_empty((0,))
+    dT = new_output((K, C, D), f, torch.float32) if need_T else f.new_empty((0,))
+    dw = new_output(tuple(w.shape), f, torch.float32) if need_w else f.new_empty((0,))
     store_q = need_T and has_margin
     store_r = need_T and entropy
     q = torch.empty((B, K, D), dtype=torch.float32, device=f.device) if store_q else f.new_empty((0,))

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import new_output
+
 BLOCK_N = 16  # keys per tile (tl.dot dimensions stay >= 16)
 NUM_WARPS = 4
 
@@ -165,26 +167,20 @@ def _blocks(S: int, Dh: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(S)), max(16, triton.next_power_of_2(Dh))
 
 
-def _new(shape, like: torch.Tensor, poison: bool) -> torch.Tensor:
-    if poison:
-        return torch.full(shape, float("nan"), dtype=torch.float32, device=like.device)
-    return torch.empty(shape, dtype=torch.float32, device=like.device)
-
-
 def _check_fp32(*tensors):
     for t in tensors:
         if t.dtype != torch.float32:
             raise ValueError(f"the Triton prefix_attention kernels take float32 tensors, got {t.dtype}")
 
 
-def prefix_attention_forward(q, k, v, k_prefix, v_prefix, scale: float, poison: bool = False):
+def prefix_attention_forward(q, k, v, k_prefix, v_prefix, scale: float):
     """out (K, M, S, H, Dh) and lse (K, M, H, S), fp32."""
     _check_fp32(q, k, v, k_prefix, v_prefix)
     q, k, v, kp, vp = (_unit_last_stride(t) for t in (q, k, v, k_prefix, v_prefix))
     K, M, S, H, Dh = q.shape
     P = kp.shape[1]
-    out = _new((K, M, S, H, Dh), q, poison)
-    lse = _new((K, M, H, S), q, poison)
+    out = new_output((K, M, S, H, Dh), q, torch.float32)
+    lse = new_output((K, M, H, S), q, torch.float32)
     BLOCK_S, BLOCK_D = _blocks(S, Dh)
     _prefix_attention_forward_kernel[(K * M, H)](
         q, k, v, kp, vp, out, lse,
@@ -195,16 +191,16 @@ def prefix_attention_forward(q, k, v, k_prefix, v_prefix, scale: float, poison: 
     return out, lse
 
 
-def prefix_attention_backward(grad_out, q, k, v, k_prefix, v_prefix, out, lse, scale: float, poison: bool = False):
+def prefix_attention_backward(grad_out, q, k, v, k_prefix, v_prefix, out, lse, scale: float):
     """dq, dk, dv (K, M, S, H, Dh) and dk_prefix, dv_prefix (K, P, H, Dh), fp32."""
     _check_fp32(grad_out, q, k, v, k_prefix, v_prefix, out, lse)
     q, k, v, kp, vp = (_unit_last_stride(t) for t in (q, k, v, k_prefix, v_prefix))
     grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
     K, M, S, H, Dh = q.shape
     P = kp.shape[1]
-    dq = _new((K, M, S, H, Dh), q, poison)
-    dk = _new((K, M, S, H, Dh), q, poison)
-    dv = _new((K, M, S, H, Dh), q, poison)
+    dq = new_output((K, M, S, H, Dh), q, torch.float32)
+    dk = new_output((K, M, S, H, Dh), q, torch.float32)
+    dv = new_output((K, M, S, H, Dh), q, torch.float32)
     # accumulated with atomic adds over the M sequences: must start at zero
     dkp = torch.zeros((K, P, H, Dh), dtype=torch.float32, device=q.device)
     dvp = torch.zeros((K, P, H, Dh), dtype=torch.float32, device=q.device)

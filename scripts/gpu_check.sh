@@ -13,6 +13,7 @@
 # (s, 120), BENCH_TIMEOUT (s, 140), BENCH_ONLY (entries of the default-backend run; default all but
 # guidg_run), ALT_BACKEND (triton), ALT_ONLY (entries of that run, "" skips it), ALT_TIMEOUT (s, 60).
 # Defaults sum to under 9 minutes with the ~40 s build (the GPU session has ~15 in all).
+# The bench run includes ddp_scaling: step-2 img/s on 1 rank vs one rank per visible GPU (NCCL).
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/gpu-out}

@@ -42,7 +42,7 @@ log=build/setup_env.log
 set +e
 MAX_JOBS=${MAX_JOBS:-2} python -m pip install -v --no-build-isolation . > "$log" 2>&1 &
 pip_pid=$!
-tail -n +1 -F "$log" 2>/dev/null | grep --line-buffered -oE '^\[[0-9]+/[0-9]+\] .*' \
+tail -n +1 -F "$log" 2>/dev/null | grep --line-buffered -oE '^ *\[[0-9]+/[0-9]+\] .*' | sed -u 's/^ *//' \
   | sed -u -E 's#^(\[[0-9]+/[0-9]+\]).* -c ([^ ]*/)?(csrc/[^ ]+\.(cpp|cu)).*#  \1 compiling \3#; s#^(\[[0-9]+/[0-9]+\]) ([^ ]*/)?(c\+\+|g\+\+|x86_64-linux-gnu-g\+\+) .*#  \1 linking guidg_fast._C#' &
 tail_pid=$!
 wait $pip_pid

@@ -34,6 +34,18 @@ def assert_close(actual, expected, name="output", tol=1e-5, floor=1e-6):
         )
 
 
+def assert_low_precision_close(actual, eager, exact, name="output"):
+    """A half-precision result against the fp32 (or fp64) result on the same rounded inputs, judged
+    relative to the eager reference's own half-precision error: within 3x of it, plus one unit of
+    the dtype's precision (flash-attention's rule; a fixed atol would pass a kernel that drops fp32
+    accumulation whenever the eager error happens to be large)."""
+    assert actual.dtype == eager.dtype, f"{name}: dtype {actual.dtype} != {eager.dtype}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    err, eager_err = rel_err(actual, exact), rel_err(eager, exact)
+    bound = 3 * eager_err + torch.finfo(actual.dtype).eps
+    assert err <= bound, f"{name}: relative error vs fp32 {err:.3e} > {bound:.3e} (eager {actual.dtype}: {eager_err:.3e})"
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)

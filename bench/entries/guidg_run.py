@@ -144,6 +144,23 @@ def workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
+class _Timer:
+    """Accumulates seconds per phase name (synchronising CUDA at each boundary)."""
+
+    def __init__(self, device):
+        self.device, self.times = device, {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        _sync(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync(self.device)
+            self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - t0
+
+
 def vit_flops(arch: str, images: int, backward: bool) -> float:
     """Matmul FLOPs of the vision encoder on ``images`` images (forward, or forward + backward with
     weight gradients = 3x forward): per layer 24 * N * W^2 dense, 4 * N^2 * W attention, patch embed."""

@@ -112,7 +112,7 @@ def extras(case, device, quick):
 
 def _backend_label(device):
     d = torch.device(device)
-    loss = cmattn_loss._backend_label(device)  # guidance_loss: one node, or the two ops' backends
+    loss = cmattn_loss._backend_label(device)  # guidance_loss: the two ops' backends
     return f"{loss}+bma_update_:{ops.choose('bma_update_', d)}"
 
 

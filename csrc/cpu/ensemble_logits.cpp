@@ -21,6 +21,7 @@
 #include <algorithm>
 
 #include "ensemble_logits.h"
+#include "ensemble_logits_args.h"
 #include "outputs.h"
 #include "cpu_isa.h"
 
@@ -105,31 +106,10 @@ void mix_rows(scalar_t* out, int64_t out_row, const scalar_t* values, int64_t va
 }
 
 void ensemble_check_cpu(const at::Tensor& f, const at::Tensor& T, const at::Tensor& w) {
-  GF_CHECK_DIM(f, 2, "f");
-  GF_CHECK_DIM(T, 3, "T");
-  TORCH_CHECK(w.dim() == 1 || w.dim() == 2, "w must be (K,) batch weights or (B, K) per-sample weights, got shape ",
-              w.sizes());
-  for (const auto* x : {&f, &T, &w}) {
-    TORCH_CHECK(x->device().is_cpu(), "ensemble_logits (CPU kernel): every input must be a CPU tensor, got ",
-                x->device());
-  }
+  TORCH_CHECK(f.device().is_cpu(), "ensemble_logits (CPU kernel): every input must be a CPU tensor, got ", f.device());
   TORCH_CHECK(f.scalar_type() == at::kFloat || f.scalar_type() == at::kDouble,
               "ensemble_logits (CPU kernel): f must be float32 or float64, got ", f.scalar_type());
-  TORCH_CHECK(T.scalar_type() == f.scalar_type(), "T must have f's dtype ", f.scalar_type(), ", got ", T.scalar_type());
-  TORCH_CHECK(w.scalar_type() == f.scalar_type(), "w must have f's dtype ", f.scalar_type(), ", got ", w.scalar_type());
-  GF_CHECK_CONTIGUOUS(f, "f");
-  GF_CHECK_CONTIGUOUS(T, "T");
-  GF_CHECK_CONTIGUOUS(w, "w");
-  const int64_t B = f.size(0), D = f.size(1), K = T.size(0);
-  TORCH_CHECK(T.size(2) == D, "T must have shape (K, C, ", D, ") to match f, got ", T.sizes());
-  TORCH_CHECK(K > 0 && T.size(1) > 0 && B > 0 && D > 0, "f and T must be non-empty, got f ", f.sizes(), " and T ",
-              T.sizes());
-  if (w.dim() == 1) {
-    TORCH_CHECK(w.size(0) == K, "w (batch weights) must have shape (", K, ",) = (K,), got ", w.sizes());
-  } else {
-    TORCH_CHECK(w.size(0) == B && w.size(1) == K, "w (per-sample weights) must have shape (", B, ", ", K,
-                ") = (B, K), got ", w.sizes());
-  }
+  ensemble_logits::check_inputs(f, T, w);
 }
 
 // M = tau * sum_k w_k T_k, (C, D): one streaming pass over T, rows in parallel.
@@ -221,10 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ensemble_logits_backward_cpu(
     bool need_f, bool need_T, bool need_w) {
   ensemble_check_cpu(f, T, w);
   const int64_t B = f.size(0), D = f.size(1), K = T.size(0), C = T.size(1);
-  TORCH_CHECK(grad_in.device().is_cpu() && grad_in.scalar_type() == f.scalar_type(),
-              "grad must be a CPU tensor of f's dtype, got ", grad_in.device(), " ", grad_in.scalar_type());
-  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == B && grad_in.size(1) == C, "grad must have shape (", B, ", ", C,
-              "), got ", grad_in.sizes());
+  ensemble_logits::check_grad(grad_in, f, T);
   const auto grad = grad_in.contiguous();
   // a gradient that is not needed comes back as an empty tensor (one per output: no aliasing)
   at::Tensor grad_f = at::empty({0}, f.options()), grad_T = at::empty({0}, f.options()),

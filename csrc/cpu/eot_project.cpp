@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include "eot_project.h"
+#include "eot_project_args.h"
 #include "outputs.h"
 
 namespace guidg_fast {
@@ -26,27 +27,10 @@ int64_t row_grain(int64_t row_elems) { return std::max<int64_t>(1, kSerialElemen
 
 void check_eot_inputs(const char* op, const at::Tensor& x, const at::Tensor& eot_index, const at::Tensor& w,
                       const at::Tensor& b, const at::Tensor& proj) {
-  GF_CHECK_DIM(x, 3, "x");
-  GF_CHECK_DIM(eot_index, 1, "eot_index");
-  GF_CHECK_DIM(w, 1, "ln_weight");
-  GF_CHECK_DIM(b, 1, "ln_bias");
-  GF_CHECK_DIM(proj, 2, "proj");
   TORCH_CHECK(x.device().is_cpu(), op, " (CPU kernel): x must be a CPU tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
               " (CPU kernel): x must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(eot_index.scalar_type() == at::kLong, op, ": eot_index must be int64, got ", eot_index.scalar_type());
-  TORCH_CHECK(eot_index.size(0) == x.size(0), op, ": eot_index must have shape (N,) = (", x.size(0), ",), got ",
-              eot_index.sizes());
-  const int64_t W = x.size(2);
-  TORCH_CHECK(w.size(0) == W && b.size(0) == W, op, ": ln_weight and ln_bias must have shape (", W, ",)");
-  TORCH_CHECK(proj.size(0) == W, op, ": proj must have shape (", W, ", D), got ", proj.sizes());
-  for (const at::Tensor* t : {&eot_index, &w, &b, &proj}) {
-    TORCH_CHECK(t->device() == x.device(), op, ": all inputs must be on x's device ", x.device());
-  }
-  for (const at::Tensor* t : {&w, &b, &proj}) {
-    TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, ": ln_weight, ln_bias and proj must have x's dtype ",
-                x.scalar_type(), ", got ", t->scalar_type());
-  }
+  eot_project::check_inputs(op, x, eot_index, w, b, proj);
 }
 
 template <typename scalar_t>

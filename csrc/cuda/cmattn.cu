@@ -15,6 +15,7 @@
 #include <tuple>
 
 #include "cmattn.h"
+#include "cmattn_args.h"
 #include "outputs.h"
 
 namespace guidg_fast {
@@ -146,20 +147,8 @@ __global__ void cmattn_backward_keys_kernel(const scalar_t* __restrict__ q, cons
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& keys, const char* op) {
-  TORCH_CHECK(q.is_cuda() && keys.is_cuda(), op, " (CUDA kernel): q and keys must be CUDA tensors");
-  GF_CHECK_SAME_DEVICE(q, keys, "q", "keys");
-  GF_CHECK_DIM(q, 3, "q (B, H, D)");
-  GF_CHECK_DIM(keys, 3, "keys (K, H, D)");
-  GF_CHECK_CONTIGUOUS(q, "q");
-  GF_CHECK_CONTIGUOUS(keys, "keys");
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, op,
-              ": q must be float32 or float64 (cast half precision up first), got ", q.scalar_type());
-  TORCH_CHECK(keys.scalar_type() == q.scalar_type(), op, ": keys must have q's dtype ", q.scalar_type(), ", got ",
-              keys.scalar_type());
-  TORCH_CHECK(keys.size(1) == q.size(1) && keys.size(2) == q.size(2), op, ": keys must have shape (K, ", q.size(1),
-              ", ", q.size(2), ") to match q (B, H, D) = ", q.sizes(), ", got ", keys.sizes());
-  TORCH_CHECK(q.size(0) > 0 && keys.size(0) > 0 && q.size(1) > 0 && q.size(2) > 0, op,
-              ": q and keys must be non-empty, got ", q.sizes(), " and ", keys.sizes());
+  TORCH_CHECK(q.is_cuda(), op, " (CUDA kernel): q and keys must be CUDA tensors");
+  cmattn::check_inputs(q, keys, op);
   TORCH_CHECK(keys.size(0) <= kMaxExperts, op, ": at most ", kMaxExperts, " experts, got K = ", keys.size(0));
 }
 
@@ -184,12 +173,7 @@ std::tuple<at::Tensor, at::Tensor> cmattn_backward_cuda(const at::Tensor& grad_o
                                                          const at::Tensor& keys, bool cosine) {
   check_inputs(q, keys, "cmattn_backward");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), K = keys.size(0);
-  GF_CHECK_SAME_DEVICE(grad_out, q, "grad_out", "q");
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({B, K}), "cmattn_backward: grad_out must have shape (", B, ", ", K,
-              ") = (B, K), got ", grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type(), "cmattn_backward: grad_out must have q's dtype ",
-              q.scalar_type(), ", got ", grad_out.scalar_type());
-  GF_CHECK_CONTIGUOUS(grad_out, "grad_out");
+  cmattn::check_grad_out(grad_out, q, keys);
   c10::cuda::CUDAGuard guard(q.device());
   at::Tensor dq = new_output(q.sizes(), q.options());
   at::Tensor dkey = new_output(keys.sizes(), keys.options());

@@ -17,6 +17,7 @@
 #include <tuple>
 
 #include "ensemble_logits.h"
+#include "ensemble_logits_args.h"
 #include "outputs.h"
 
 namespace guidg_fast {
@@ -71,28 +72,10 @@ __global__ void ensemble_scale_kernel(float* out, const float* values, const flo
 }
 
 void ensemble_check_cuda(const at::Tensor& f, const at::Tensor& T, const at::Tensor& w) {
-  GF_CHECK_DIM(f, 2, "f");
-  GF_CHECK_DIM(T, 3, "T");
-  TORCH_CHECK(w.dim() == 1 || w.dim() == 2, "w must be (K,) batch weights or (B, K) per-sample weights, got shape ",
-              w.sizes());
-  for (const auto* x : {&T, &w}) GF_CHECK_SAME_DEVICE(*x, f, "every input", "f");
   TORCH_CHECK(f.is_cuda(), "ensemble_logits (CUDA kernel): f must be a CUDA tensor, got ", f.device());
-  TORCH_CHECK(f.scalar_type() == at::kFloat && T.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat,
-              "ensemble_logits (CUDA kernel): f, T and w must be float32, got ", f.scalar_type(), ", ",
-              T.scalar_type(), ", ", w.scalar_type());
-  GF_CHECK_CONTIGUOUS(f, "f");
-  GF_CHECK_CONTIGUOUS(T, "T");
-  GF_CHECK_CONTIGUOUS(w, "w");
-  const int64_t B = f.size(0), D = f.size(1), K = T.size(0);
-  TORCH_CHECK(T.size(2) == D, "T must have shape (K, C, ", D, ") to match f, got ", T.sizes());
-  TORCH_CHECK(K > 0 && T.size(1) > 0 && B > 0 && D > 0, "f and T must be non-empty, got f ", f.sizes(), " and T ",
-              T.sizes());
-  if (w.dim() == 1) {
-    TORCH_CHECK(w.size(0) == K, "w (batch weights) must have shape (", K, ",) = (K,), got ", w.sizes());
-  } else {
-    TORCH_CHECK(w.size(0) == B && w.size(1) == K, "w (per-sample weights) must have shape (", B, ", ", K,
-                ") = (B, K), got ", w.sizes());
-  }
+  TORCH_CHECK(f.scalar_type() == at::kFloat, "ensemble_logits (CUDA kernel): f, T and w must be float32, got ",
+              f.scalar_type());
+  ensemble_logits::check_inputs(f, T, w);
 }
 
 void launch_mix(at::Tensor& out, const at::Tensor& values, int64_t value_row, int64_t value_k, const at::Tensor& weights,
@@ -148,10 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ensemble_logits_backward_cuda(
   ensemble_check_cuda(f, T, w);
   c10::cuda::CUDAGuard guard(f.device());
   const int64_t B = f.size(0), D = f.size(1), K = T.size(0), C = T.size(1);
-  GF_CHECK_SAME_DEVICE(grad_in, f, "grad", "f");
-  TORCH_CHECK(grad_in.scalar_type() == at::kFloat, "grad must be float32, got ", grad_in.scalar_type());
-  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == B && grad_in.size(1) == C, "grad must have shape (", B, ", ", C,
-              "), got ", grad_in.sizes());
+  ensemble_logits::check_grad(grad_in, f, T);
   const auto grad = grad_in.contiguous();
   at::Tensor grad_f = at::empty({0}, f.options()), grad_T = at::empty({0}, f.options()),
              grad_w = at::empty({0}, f.options());

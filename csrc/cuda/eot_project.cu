@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "eot_project.h"
+#include "eot_project_args.h"
 #include "outputs.h"
 
 namespace guidg_fast {
@@ -116,22 +117,9 @@ __global__ void eot_param_grad_kernel(const float* __restrict__ gy, const float*
 
 void check_eot_inputs(const char* op, const at::Tensor& x, const at::Tensor& eot_index, const at::Tensor& w,
                       const at::Tensor& b, const at::Tensor& proj) {
-  GF_CHECK_DIM(x, 3, "x");
-  GF_CHECK_DIM(eot_index, 1, "eot_index");
-  GF_CHECK_DIM(w, 1, "ln_weight");
-  GF_CHECK_DIM(b, 1, "ln_bias");
-  GF_CHECK_DIM(proj, 2, "proj");
-  TORCH_CHECK(eot_index.scalar_type() == at::kLong, op, ": eot_index must be int64, got ", eot_index.scalar_type());
-  TORCH_CHECK(eot_index.size(0) == x.size(0), op, ": eot_index must have shape (N,) = (", x.size(0), ",)");
-  const int64_t W = x.size(2);
-  TORCH_CHECK(w.size(0) == W && b.size(0) == W, op, ": ln_weight and ln_bias must have shape (", W, ",)");
-  TORCH_CHECK(proj.size(0) == W, op, ": proj must have shape (", W, ", D), got ", proj.sizes());
-  for (const at::Tensor* t : {&x, &eot_index, &w, &b, &proj}) {
-    TORCH_CHECK(t->is_cuda() && t->device() == x.device(), op, " (CUDA kernel): all inputs must be on ", x.device());
-  }
-  for (const at::Tensor* t : {&x, &w, &b, &proj}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat, op, " (CUDA kernel): x, ln_weight, ln_bias and proj must be float32");
-  }
+  TORCH_CHECK(x.is_cuda(), op, " (CUDA kernel): all inputs must be on a CUDA device, got x on ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat, op, " (CUDA kernel): x, ln_weight, ln_bias and proj must be float32");
+  eot_project::check_inputs(op, x, eot_index, w, b, proj);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> eot_project_forward_cuda(

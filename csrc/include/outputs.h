@@ -7,8 +7,6 @@
 #include <cstring>
 #include <limits>
 
-#include "output_pool.h"
-
 namespace guidg_fast {
 
 // GUIDG_FAST_POISON=1: launchers fill their outputs with NaN before the kernel runs, so a test
@@ -18,10 +16,9 @@ inline bool poison_requested() {
   return flag != nullptr && std::strcmp(flag, "1") == 0;
 }
 
-// A kernel output: uninitialised, or NaN-filled when poisoning is requested; large CPU outputs
-// reuse pooled memory (output_pool.h).
+// A kernel output: uninitialised, or NaN-filled when poisoning is requested.
 inline at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options) {
-  at::Tensor out = pooled_empty(shape, options);
+  at::Tensor out = at::empty(shape, options);
   if (poison_requested()) out.fill_(std::numeric_limits<double>::quiet_NaN());
   return out;
 }

@@ -8,7 +8,7 @@ A dataset whose ``transform`` is a torchvision ``Compose`` of the shape ``clip_t
   and kept as a (N, 3, H, W) uint8 tensor -- in memory, or in a memory-mapped file under a cache
   folder;
 - the random part (RandAugment), applied per step to uint8 batches (see ``loaders``);
-- ToTensor + Normalize, applied per batch with the same op order (bitwise the same floats).
+- ToTensor + Normalize, applied per batch in one pass (normalize_uint8: a few float32 ulps from ToTensor + Normalize).
 
 Keys. A dataset backed by files (``samples`` lists, also through DomainSubset) is keyed by its file
 list, every file's size and mtime, and the deterministic transform's ``repr``; any change rebuilds

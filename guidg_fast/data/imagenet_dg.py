@@ -14,7 +14,6 @@ target root, the ImageNet root, its train folder or its parent, else the wnids a
 """
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from pathlib import Path

@@ -21,7 +21,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
-# the one place the augmentation implementation is chosen (branch `aug` replaces this import)
+# the one place the augmentation implementation is chosen
 from .augment import BatchedRandAugment, normalize_uint8
 from .image_cache import ImageCacheStore, UInt8Images
 from .workers import check_workers, make_loader
@@ -84,9 +84,11 @@ class _SeededRNG:
         return self._fork.__exit__(*exc)
 
 
-def stack_items(dataset, indices: Sequence[int], seed_parts: tuple | None) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_items(dataset, indices: Sequence[int], seed_parts: tuple | None,
+                first_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``first_pos``: the position of ``indices[0]`` in its block (the seed of an item is its position)."""
     images, labels = [], []
-    for pos, i in enumerate(indices):
+    for pos, i in enumerate(indices, start=first_pos):
         if seed_parts is None:
             x, y = dataset[i][:2]
         else:
@@ -115,10 +117,15 @@ class DomainBalancedBatches(Dataset):
 
     x is normalised float32 -- or, with ``augment_in_workers=False`` and uint8 caches, the cached
     uint8 images un-augmented (the caller augments them, e.g. on the GPU, with ``augmentation``).
+
+    ``rows`` = (start, stop): only those rows of the step's batch (a rank's slice under
+    torch.distributed). Uncached items are seeded by their position, so only the slice is loaded;
+    a uint8 batch is augmented whole -- one generator draws for the whole batch -- and sliced
+    after, so the rows are bitwise the ones a one-process run sees. ``finish`` does the slicing.
     """
 
     def __init__(self, datasets: Sequence, caches: Sequence[UInt8Images | None], batch_per_domain: int, seed: int,
-                 streams: Sequence[int], augment_in_workers: bool = True):
+                 streams: Sequence[int], augment_in_workers: bool = True, rows: tuple[int, int] | None = None):
         self.datasets, self.batch_per_domain, self.seed = list(datasets), int(batch_per_domain), int(seed)
         self.streams = list(streams)
         self.uint8 = _uint8_mode(caches)
@@ -127,6 +134,10 @@ class DomainBalancedBatches(Dataset):
         self.plan = plan
         self.augmentation = BatchedRandAugment(**plan.randaugment) if plan is not None and plan.randaugment else None
         self.augment_in_workers = augment_in_workers or not self.uint8
+        total = self.batch_per_domain * len(self.datasets)
+        if rows is not None and not (0 <= rows[0] <= rows[1] <= total):
+            raise ValueError(f"rows must be a range (start, stop) inside the batch of {total}, got {rows!r}")
+        self.rows = None if rows is None or tuple(rows) == (0, total) else (int(rows[0]), int(rows[1]))
 
     def __len__(self) -> int:  # unbounded; the sampler decides which steps are read
         return 2**62
@@ -142,7 +153,12 @@ class DomainBalancedBatches(Dataset):
         """The random part and the normalisation of a uint8 batch (where ``x`` is: CPU or GPU)."""
         if self.augmentation is not None:
             x = self.augmentation(x, self.augment_generator(step))
+        if self.rows is not None:  # [distributed] this rank's rows, after the whole batch's draws
+            x = x[self.rows[0] : self.rows[1]]
         return normalize_uint8(x, self.plan.mean, self.plan.std)
+
+    def _row_slice(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.rows is None else t[self.rows[0] : self.rows[1]]
 
     def __getitem__(self, step: int):
         parts = self.indices(step)
@@ -152,10 +168,18 @@ class DomainBalancedBatches(Dataset):
             y = torch.cat([c.labels.index_select(0, idx) for c, idx in zip(self.caches, parts)])
             if self.augment_in_workers:
                 x = self.finish(x, step)
-            return x, y, domain
-        xs, ys = zip(*(stack_items(ds, idx.tolist(), (self.seed, ITEM_STREAM, step, j))
-                       for j, (ds, idx) in enumerate(zip(self.datasets, parts))))
-        return torch.cat(xs), torch.cat(ys), domain
+            return x, self._row_slice(y), self._row_slice(domain)
+        lo, hi = self.rows if self.rows is not None else (0, len(domain))
+        xs, ys, offset = [], [], 0
+        for j, (ds, idx) in enumerate(zip(self.datasets, parts)):
+            # [distributed] the part of domain j's block inside [lo, hi), seeded by its block positions
+            a, b = max(lo - offset, 0), min(hi - offset, len(idx))
+            offset += len(idx)
+            if b > a:
+                x, y = stack_items(ds, idx[a:b].tolist(), (self.seed, ITEM_STREAM, step, j), first_pos=a)
+                xs.append(x)
+                ys.append(y)
+        return torch.cat(xs), torch.cat(ys), domain[lo:hi]
 
 
 class _Steps:
@@ -178,10 +202,12 @@ class Step2Feed:
     ``datasets`` in the order of their streams (the trainer: sorted names, stream 1000 + j). Caches
     come from ``store`` (built here, by the workers, when missing). On CUDA the uint8 batch is copied
     (pinned, non-blocking) and augmented + normalised on the GPU; on the CPU the workers do it.
+    ``rows``: only those rows of every step's batch (see ``DomainBalancedBatches``).
     """
 
     def __init__(self, datasets: Sequence, batch_per_domain: int, seed: int, device, *, start: int, stop: int,
-                 workers: int | None = None, store: ImageCacheStore | None = None):
+                 workers: int | None = None, store: ImageCacheStore | None = None,
+                 rows: tuple[int, int] | None = None):
         self.device = torch.device(device)
         self.workers = check_workers(workers)
         store = store if store is not None else ImageCacheStore()
@@ -189,7 +215,7 @@ class Step2Feed:
         on_gpu = self.device.type == "cuda"
         self.items = DomainBalancedBatches(datasets, caches, batch_per_domain, seed,
                                            [STEP2_STREAM + j for j in range(len(datasets))],
-                                           augment_in_workers=not on_gpu)
+                                           augment_in_workers=not on_gpu, rows=rows)
         self.start, self.stop = start, stop
         self.loader = make_loader(self.items, _Steps(start, stop), self.workers, pin_memory=_pin(self.device))
 
@@ -233,10 +259,15 @@ class EvalBatches(Dataset):
 
 
 class EvalFeed:
-    """Batches ``(k, x, y)`` of every dataset in order, normalised on ``device``."""
+    """Batches ``(k, x, y)`` of every dataset in order, normalised on ``device``.
+
+    ``shard`` = (rank, world_size): only every world_size-th batch from the rank-th (whole batches
+    round-robin over all datasets' batches: together the ranks see every image once, in the very
+    batches one process sees). ``keys``: the (dataset, batch number) of each batch yielded, in order.
+    """
 
     def __init__(self, datasets: Sequence, batch_size: int, device, *, workers: int | None = None,
-                 store: ImageCacheStore | None = None):
+                 store: ImageCacheStore | None = None, shard: tuple[int, int] | None = None):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.device = torch.device(device)
@@ -244,7 +275,13 @@ class EvalFeed:
         store = store if store is not None else ImageCacheStore()
         self.caches = [store.get(ds, self.workers) for ds in datasets]
         self.items = EvalBatches(datasets, self.caches, batch_size, normalize_in_workers=self.device.type != "cuda")
-        self.loader = make_loader(self.items, self.items.keys(), self.workers, pin_memory=_pin(self.device))
+        self.keys = self.items.keys()
+        if shard is not None:
+            rank, world = shard
+            if not 0 <= rank < world:
+                raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard!r}")
+            self.keys = self.keys[rank::world]
+        self.loader = make_loader(self.items, self.keys, self.workers, pin_memory=_pin(self.device))
 
     def __iter__(self):
         for k, x, y in self.loader:

@@ -184,7 +184,7 @@ def _sources_and_targets(domains: dict[str, Dataset], targets) -> tuple[list[str
 def multi_source_split(
     domains: dict[str, Dataset], targets: Sequence[str], seed: int = 0, expert_fraction: float = 0.3
 ) -> DGSplit:
-    """Multi-source DG (GUIDG_SPEC "Data protocol"): each source domain is split, seeded,
+    """Multi-source DG (docs/guidg_math.md, "Data protocol"): each source domain is split, seeded,
     ``expert_fraction`` (30%) for its step-1 expert and the rest (70%) for step 2; each target
     domain is a test set as a whole."""
     sources, targets = _sources_and_targets(domains, targets)
@@ -233,7 +233,7 @@ def _n_per_class(indices: list[int], labels: list[int], n_shot: int, seed: int, 
 
 
 def few_shot_split(domains: dict[str, Dataset], targets: Sequence[str], n_shot: int = 16, seed: int = 0) -> DGSplit:
-    """Few-shot DG (GUIDG_SPEC "Data protocol"): per source domain a seeded 50/50 split
+    """Few-shot DG (docs/guidg_math.md, "Data protocol"): per source domain a seeded 50/50 split
     (stratified per class), then ``n_shot`` images per class from each half; the first half feeds
     step 1, the second step 2. A class with fewer than ``n_shot`` images in a half contributes
     all it has (warning), as in the official few-shot sampler. Targets are test sets as a whole."""

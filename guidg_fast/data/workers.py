@@ -21,8 +21,13 @@ def _cores() -> int:
 def default_workers() -> int:
     """Worker processes when none are asked for: one core stays with the training process, at most 8
     (beyond that decode/augment of a 36-image batch is no longer the bottleneck), at least 1 so the
-    training process never decodes images itself."""
-    return max(1, min(8, _cores() - 1))
+    training process never decodes images itself. Under torchrun the node's cores are split between
+    its ranks (LOCAL_WORLD_SIZE): each rank's workers get their share."""
+    try:
+        ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        ranks_here = 1
+    return max(1, min(8, _cores() // ranks_here - 1))
 
 
 def check_workers(workers) -> int:

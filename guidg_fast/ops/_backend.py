@@ -3,9 +3,8 @@ extension guidg_fast._C, or the eager reference.
 
 Default order: ext, triton, eager on CUDA tensors; ext, eager on CPU tensors. On CUDA the compiled
 kernels come first because they measured faster than the Triton ones for every op at the real GuiDG
-shapes (H100, 2026-11-26: e.g. cmattn + multi_expert_loss fwd+bwd 0.75 vs 1.77 ms at C = 200; the
-extension's C++ autograd ops run a whole op in one call, while the Triton path composes it in
-Python); Triton takes over where the extension was built without CUDA. The choice is explicit and
+shapes (H100, 2026-11-26: e.g. cmattn + multi_expert_loss fwd+bwd 0.75 vs 1.77 ms at C = 200,
+measured when the extension still had whole-op C++ autograd nodes); Triton takes over where the extension was built without CUDA. The choice is explicit and
 overridable with GUIDG_FAST_BACKEND=triton|ext|eager (or ``use_backend``); a forced backend that
 cannot run an op raises instead of silently falling back.
 """
@@ -142,6 +141,7 @@ class OpSpec:
     ext_ops: tuple = ()  # C++ operators this op needs from guidg_fast._C (empty: no ext kernel yet)
     triton: bool = False  # has Triton kernels in guidg_fast.kernels
     notes: dict = field(default_factory=dict)
+    parts: tuple = ()  # a composition of these ops (no kernels of its own): each part's backend applies
 
 
 REGISTRY: dict[str, OpSpec] = {}
@@ -228,6 +228,20 @@ def choose(name: str, device: torch.device) -> str:
     return "eager"
 
 
+@torch.compiler.assume_constant_result
+def backend_for(name: str, device_type: str) -> str:
+    """``choose`` for the op entry points: the one backend chooser every op calls. A constant for
+    torch.compile (it reads the environment and the dispatcher, not tensors); eagerly cached (with
+    ``available``'s answers, so clearing that cache clears these) per state of everything it reads,
+    so a call costs a dict lookup."""
+    key = ("chosen", name, device_type, _forced, os.environ.get("GUIDG_FAST_BACKEND"),
+           os.environ.get("TRITON_INTERPRET"), _extension_loaded)
+    backend = _available_cache.get(key)
+    if backend is None:
+        backend = _available_cache[key] = choose(name, torch.device(device_type))
+    return backend
+
+
 def kernel_dtype(dtype: torch.dtype, backend: str, device: torch.device) -> torch.dtype:
     """The dtype a fused kernel computes in: the ext CPU kernels run float32 and float64; the CUDA
     kernels and Triton run float32 (fp32 accumulation), so everything else is cast to float32."""
@@ -237,6 +251,8 @@ def kernel_dtype(dtype: torch.dtype, backend: str, device: torch.device) -> torc
 def describe(name: str, device_type: str) -> str:
     """What ``info`` prints: the backend used by default, without needing such a device."""
     spec = REGISTRY[name]
+    if spec.parts:
+        return " + ".join(f"{part}: {describe(part, device_type)}" for part in spec.parts)
     if device_type == "cuda":
         status = extension_status()
         if spec.ext_ops and status["built"] and status["with_cuda"] and ext_has_kernels(spec.ext_ops, "cuda"):

@@ -19,22 +19,22 @@ SPEC = _backend.register(_backend.OpSpec("bma_update_", ext_ops=("bma_update_",)
 
 
 @torch.library.custom_op("guidg_fast::fused_bma_update_", mutates_args=("averaged_tensors",))
-def _fused_bma_update_(averaged_tensors: list[torch.Tensor], tensors: list[torch.Tensor], relative_weight: float) -> None:
-    # imported on first use: TRITON_INTERPRET must be set before the kernel is decorated
-    from ..kernels.bma_update import bma_update_forward
+def _fused_bma_update_(averaged_tensors: list[torch.Tensor], tensors: list[torch.Tensor], relative_weight: float,
+                       backend: str) -> None:
+    if backend == "ext":
+        torch.ops.guidg_fast.bma_update_(averaged_tensors, tensors, relative_weight)
+    elif backend == "triton":
+        # imported on first use: TRITON_INTERPRET must be set before the kernel is decorated
+        from ..kernels.bma_update import bma_update_forward
 
-    bma_update_forward(averaged_tensors, tensors, relative_weight)
+        bma_update_forward(averaged_tensors, tensors, relative_weight)
+    else:
+        raise ValueError(f"backend must be 'ext' or 'triton' for the fused bma_update_, got {backend!r}")
 
 
 @_fused_bma_update_.register_fake
-def _fused_bma_update_fake(averaged_tensors, tensors, relative_weight):
+def _fused_bma_update_fake(averaged_tensors, tensors, relative_weight, backend):
     return None
-
-if _backend.load_extension() is not None:
-
-    @torch.library.register_fake("guidg_fast::bma_update_")
-    def _bma_update_fake(averaged_tensors, tensors, relative_weight):
-        return None
 
 
 def bma_update_(averaged_tensors: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], relative_weight: float) -> None:
@@ -50,16 +50,14 @@ def bma_update_(averaged_tensors: Sequence[torch.Tensor], tensors: Sequence[torc
         groups[(avg.device, avg.dtype)][1].append(val.detach())
     with torch.no_grad():
         for (device, _), (avgs, vals) in groups.items():
-            backend = _backend.choose("bma_update_", device)
+            backend = _backend.backend_for("bma_update_", device.type)
             if backend == "eager":
                 reference.bma_update_(avgs, vals, r)
                 continue
             # the kernels need dense memory; a strided view (rare for parameters) takes the eager path
             dense = [i for i, (a, v) in enumerate(zip(avgs, vals)) if a.is_contiguous() and v.is_contiguous()]
             strided = [i for i in range(len(avgs)) if i not in set(dense)]
-            if dense and backend == "triton":
-                torch.ops.guidg_fast.fused_bma_update_([avgs[i] for i in dense], [vals[i] for i in dense], r)
-            elif dense:
-                torch.ops.guidg_fast.bma_update_([avgs[i] for i in dense], [vals[i] for i in dense], r)
+            if dense:
+                _fused_bma_update_([avgs[i] for i in dense], [vals[i] for i in dense], r, backend)
             if strided:
                 reference.bma_update_([avgs[i] for i in strided], [vals[i] for i in strided], r)

@@ -19,8 +19,6 @@ op (no gradient), as in the official code where logit_scale is frozen.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .. import _checks, reference
@@ -33,21 +31,6 @@ SPEC = _backend.register(
         triton=True,
     )
 )
-
-
-if _backend.load_extension() is not None and hasattr(torch.ops.guidg_fast, "ensemble_logits_forward"):
-
-    @torch.library.register_fake("guidg_fast::ensemble_logits_forward")
-    def _ext_forward_fake(f, T, w, temperature):
-        return f.new_empty((f.shape[0], T.shape[1]))
-
-    @torch.library.register_fake("guidg_fast::ensemble_logits_backward")
-    def _ext_backward_fake(grad, f, T, w, temperature, need_f, need_T, need_w):
-        return (
-            f.new_empty(f.shape if need_f else (0,)),
-            T.new_empty(T.shape if need_T else (0,)),
-            w.new_empty(w.shape if need_w else (0,)),
-        )
 
 
 def _triton_kernels():
@@ -119,21 +102,6 @@ def _backward(ctx, grad):
 _fused_ensemble_logits.register_autograd(_backward, setup_context=_setup_context)
 
 
-_CHOICES: dict = {}
-
-
-@torch.compiler.assume_constant_result
-def _choose(device_type: str) -> str:
-    # Evaluated once at trace time under torch.compile. Eagerly, the choice is cached per state of
-    # everything it reads (forced backend, environment), which costs a few dict lookups per call.
-    key = (device_type, _backend._forced, os.environ.get("GUIDG_FAST_BACKEND"), os.environ.get("TRITON_INTERPRET"),
-           _backend._extension_loaded)
-    backend = _CHOICES.get(key)
-    if backend is None:
-        backend = _CHOICES[key] = _backend.choose("ensemble_logits", torch.device(device_type))
-    return backend
-
-
 def _check_weights(w, B: int, K: int, f: torch.Tensor) -> None:
     if not torch.compiler.is_compiling():
         _checks.check_expert_weights(w, B, K, f)
@@ -162,16 +130,11 @@ def ensemble_logits(f, T, w, temperature) -> torch.Tensor:
     B, K, C, D = _checks.check_features(f, T)
     _check_weights(w, B, K, f)
     tau = _checks.check_temperature(temperature)
-    backend = _choose(f.device.type)
+    backend = _backend.backend_for("ensemble_logits", f.device.type)
     if backend == "eager":
         return reference.ensemble_logits(f, T, w, tau)
     dtype = f.dtype
     compute = _compute_dtype(dtype, backend, f.device.type)
     f_, T_, w_ = ((x if x.dtype == compute else x.to(compute)).contiguous() for x in (f, T, w))
-    differentiable = torch.is_grad_enabled() and (f.requires_grad or T.requires_grad or w.requires_grad)
-    if differentiable or torch.compiler.is_compiling():
-        out = torch.ops.guidg_fast.fused_ensemble_logits(f_, T_, w_, tau, backend)
-    else:
-        # inference: nothing to differentiate, so skip the custom-op / autograd layer (tens of us per call)
-        out = _forward_kernel(f_, T_, w_, tau, backend)
+    out = torch.ops.guidg_fast.fused_ensemble_logits(f_, T_, w_, tau, backend)
     return out if out.dtype == dtype else out.to(dtype)

@@ -13,7 +13,6 @@ Backends:
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -74,17 +73,10 @@ def _eot_project_math(x, eot_index, ln_weight, ln_bias, proj, eps: float) -> tor
     return z / z.norm(dim=-1, keepdim=True)
 
 
-# The dispatcher queries behind the choice are not traceable: torch.compile runs the choice once
-# while tracing and keeps its result as a constant of the graph.
-@torch._dynamo.assume_constant_result
-def _choose_backend(device: torch.device) -> str:
-    return _backend.choose("eot_project", device)
-
-
 def eot_project(x, eot_index, ln_weight, ln_bias, proj, eps=1e-5) -> torch.Tensor:
     """(N, D) L2-normalised text features from the EOT rows of the final hidden states x (N, S, W)."""
     eps = _check_eot_project(x, eot_index, ln_weight, ln_bias, proj, eps)
-    backend = _choose_backend(x.device)
+    backend = _backend.backend_for("eot_project", x.device.type)
     if backend == "eager":
         return _eot_project_math(x, eot_index, ln_weight, ln_bias, proj, eps)
     return _fused(x, eot_index, ln_weight, ln_bias, proj, eps, backend)
@@ -97,10 +89,6 @@ def _fused(x, eot_index, ln_weight, ln_bias, proj, eps, backend):
         x, ln_weight, ln_bias, proj = (t.to(compute) for t in (x, ln_weight, ln_bias, proj))
     out = torch.ops.guidg_fast.fused_eot_project(x, eot_index.long(), ln_weight, ln_bias, proj, eps, backend)[0]
     return out.to(dtype)
-
-
-def _poison() -> bool:
-    return os.environ.get("GUIDG_FAST_POISON") == "1"
 
 
 def _kernels():
@@ -118,7 +106,7 @@ def fused_eot_project(
     if backend == "ext":
         return tuple(torch.ops.guidg_fast.eot_project_forward(x, eot_index, ln_weight, ln_bias, proj, eps))
     if backend == "triton":
-        return tuple(_kernels().eot_project_forward(x, eot_index, ln_weight, ln_bias, proj, eps, poison=_poison()))
+        return tuple(_kernels().eot_project_forward(x, eot_index, ln_weight, ln_bias, proj, eps))
     raise ValueError(f"backend must be 'ext' or 'triton' for the fused eot_project, got {backend!r}")
 
 
@@ -141,7 +129,7 @@ def fused_eot_project_backward(
     if backend == "ext":
         return tuple(torch.ops.guidg_fast.eot_project_backward(*args))
     if backend == "triton":
-        return tuple(_kernels().eot_project_backward(*args, poison=_poison()))
+        return tuple(_kernels().eot_project_backward(*args))
     raise ValueError(f"backend must be 'ext' or 'triton' for the fused eot_project, got {backend!r}")
 
 
@@ -167,7 +155,3 @@ def _backward(ctx, grad_out, *unused):
 
 
 fused_eot_project.register_autograd(_backward, setup_context=_setup_context)
-
-if _backend.ext_has_kernels(SPEC.ext_ops, "cpu"):
-    torch.library.register_fake("guidg_fast::eot_project_forward")(_forward_fake)
-    torch.library.register_fake("guidg_fast::eot_project_backward")(_backward_fake)

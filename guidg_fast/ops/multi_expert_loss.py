@@ -150,74 +150,19 @@ def _backward(ctx, grad_loss, *_):
 fused_multi_expert_loss.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _EagerFusedMultiExpertLoss(torch.autograd.Function):
-    """The same kernels as the custom op, for eager mode: torch.library's Python custom-op dispatch
-    costs a few hundred microseconds per call, as much as the whole fused loss at step-2 shapes.
-    torch.compile traces the custom op instead (see multi_expert_loss)."""
-
-    @staticmethod
-    def forward(ctx, f, T, y, w, tau, margin, entropy_weight, backend, need_o):
-        loss, lse, ce, o, pbar = _forward_impl(backend, f, T, y, w, tau, margin, entropy_weight, need_o)
-        ctx.save_for_backward(f, T, y, w, lse, ce, o, pbar)
-        ctx.constants = (tau, margin, entropy_weight, backend)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        f, T, y, w, lse, ce, o, pbar = ctx.saved_tensors
-        tau, margin, entropy_weight, backend = ctx.constants
-        need_f, need_T, _, need_w = ctx.needs_input_grad[:4]
-        df, dT, dw = _backward_impl(backend, grad_loss.contiguous(), f, T, y, w, lse, ce, o, pbar, tau, margin,
-                                    entropy_weight, need_f, need_T, need_w)
-        return (df if need_f else None, dT if need_T else None, None, dw if need_w else None) + (None,) * 5
-
-
-if _backend.load_extension() is not None:
-
-    @torch.library.register_fake("guidg_fast::multi_expert_loss_forward")
-    def _ext_forward_fake(f, T, y, w, temperature, margin, entropy_weight, need_o):
-        return tuple(f.new_empty(shape) for shape in _forward_shapes(f, T, entropy_weight, need_o))
-
-    @torch.library.register_fake("guidg_fast::multi_expert_loss")
-    def _ext_loss_fake(f, T, y, w, temperature, margin, entropy_weight):
-        return f.new_empty(())
-
-    @torch.library.register_fake("guidg_fast::multi_expert_loss_backward")
-    def _ext_backward_fake(grad, f, T, y, w, lse, ce, o, pbar, temperature, margin, entropy_weight, need_f, need_T, need_w):
-        return _fused_backward_fake(
-            grad, f, T, y, w, lse, ce, o, pbar, temperature, None, margin, entropy_weight, None, need_f, need_T, need_w
-        )
-
-
-@torch.compiler.assume_constant_result
-def _choose_backend(device_type: str, dtype: torch.dtype) -> str:
-    backend = _backend.choose("multi_expert_loss", torch.device(device_type))
-    # Triton accumulates in fp32: unless forced, float64 on CUDA takes the extension (exact fp64)
-    if backend == "triton" and dtype == torch.float64 and _backend.forced_backend() is None:
-        if "ext" in _backend.available("multi_expert_loss", device_type):
-            return "ext"
-    return backend
-
-
 def multi_expert_loss(f, T, y, w, temperature, margin: float = 0.0, entropy_weight: float = 0.0) -> torch.Tensor:
     compiling = torch.compiler.is_compiling()
     device_type = f.device.type if isinstance(f, torch.Tensor) else "cpu"
-    backend = _choose_backend(device_type, f.dtype if isinstance(f, torch.Tensor) else torch.float32)
-    # the eager CPU ext op checks the label range and finite weights itself (same ValueErrors) while
-    # it reads them anyway; elsewhere they are checked here first
-    cpu_ext = backend == "ext" and device_type == "cpu" and not compiling
+    backend = _backend.backend_for("multi_expert_loss", device_type)
+    # label range and finite weights read data: checked eagerly, inside the op when traced
     _, _, _, _, tau, margin, entropy_weight = _checks.check_multi_expert_loss_args(
-        f, T, y, w, temperature, margin, entropy_weight, check_values=not compiling and not cpu_ext,
-        defer_temperature=compiling,
+        f, T, y, w, temperature, margin, entropy_weight, check_values=not compiling, defer_temperature=compiling,
     )
     if backend == "eager":
         return reference.multi_expert_loss(f, T, y, w, temperature, margin=margin, entropy_weight=entropy_weight)
     tau_tensor = None
     if tau is None:  # a tensor temperature while tracing: read inside the fused op
         tau, tau_tensor = 1.0, temperature.detach().reshape(())
-    elif backend == "ext" and not compiling:
-        # dtype handling, both kernels and the autograd formula in C++ (csrc/autograd/multi_expert_loss.cpp)
-        return torch.ops.guidg_fast.multi_expert_loss(f, T, y, w, tau, margin, entropy_weight)
     dtype = f.dtype if f.dtype in _COMPUTE_DTYPES else torch.float32  # fp16 / bf16 compute in fp32
     f_c, T_c, w_c = (x.to(dtype).contiguous() for x in (f, T, w))
     y_c = y.to(torch.int64).contiguous()
@@ -225,8 +170,5 @@ def multi_expert_loss(f, T, y, w, temperature, margin: float = 0.0, entropy_weig
     # needed when the backward needs sum_c dz T_c: for df, or for the margin path of dT
     need_rows = f.requires_grad or (T.requires_grad and margin != 0.0)
     need_o = entropy_weight == 0.0 and torch.is_grad_enabled() and need_rows
-    if compiling or tau_tensor is not None:
-        loss = fused_multi_expert_loss(f_c, T_c, y_c, w_c, tau, tau_tensor, margin, entropy_weight, backend, need_o)[0]
-    else:
-        loss = _EagerFusedMultiExpertLoss.apply(f_c, T_c, y_c, w_c, tau, margin, entropy_weight, backend, need_o)
+    loss = fused_multi_expert_loss(f_c, T_c, y_c, w_c, tau, tau_tensor, margin, entropy_weight, backend, need_o)[0]
     return loss if loss.dtype == f.dtype else loss.to(f.dtype)

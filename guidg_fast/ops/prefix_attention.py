@@ -1,7 +1,7 @@
 """prefix_attention: causal multi-head attention of M suffix sequences per expert over a shared prefix.
 
 Query s of sequence (k, m) attends to all P prefix keys of expert k and to suffix keys 0..s of (k, m)
-(causal). This is the attention of the shared-prefix text pass (GUIDG_SPEC "exact shortcuts" 2): the
+(causal). This is the attention of the shared-prefix text pass (docs/guidg_math.md, "Exact shortcuts" 2): the
 prefix keys/values of each expert are computed once and read by all of its M class suffixes.
 
 Backends:
@@ -15,7 +15,6 @@ Backends:
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -101,17 +100,10 @@ def _prefix_attention_math(q, k, v, k_prefix, v_prefix, scale: float) -> torch.T
     return out.permute(0, 1, 3, 2, 4).to(q.dtype)
 
 
-# The dispatcher queries behind the choice are not traceable: torch.compile runs the choice once
-# while tracing and keeps its result as a constant of the graph.
-@torch._dynamo.assume_constant_result
-def _choose_backend(device: torch.device) -> str:
-    return _backend.choose("prefix_attention", device)
-
-
 def prefix_attention(q, k, v, k_prefix, v_prefix, scale=None) -> torch.Tensor:
     """(K, M, S, H, Dh): causal attention of each suffix over its expert's shared prefix and itself."""
     scale = _check_prefix_attention(q, k, v, k_prefix, v_prefix, scale)
-    backend = _choose_backend(q.device)
+    backend = _backend.backend_for("prefix_attention", q.device.type)
     if backend == "eager":
         return _prefix_attention_math(q, k, v, k_prefix, v_prefix, scale)
     return _fused(q, k, v, k_prefix, v_prefix, scale, backend)
@@ -126,10 +118,6 @@ def _fused(q, k, v, k_prefix, v_prefix, scale, backend):
     return out.to(dtype)
 
 
-def _poison() -> bool:
-    return os.environ.get("GUIDG_FAST_POISON") == "1"
-
-
 def _kernels():
     from ..kernels import prefix_attention as kernels  # imported late: TRITON_INTERPRET is read at import
 
@@ -140,7 +128,7 @@ def _forward_impl(q, k, v, k_prefix, v_prefix, scale, backend):
     if backend == "ext":
         return torch.ops.guidg_fast.prefix_attention_forward(q, k, v, k_prefix, v_prefix, scale)
     if backend == "triton":
-        return _kernels().prefix_attention_forward(q, k, v, k_prefix, v_prefix, scale, poison=_poison())
+        return _kernels().prefix_attention_forward(q, k, v, k_prefix, v_prefix, scale)
     raise ValueError(f"backend must be 'ext' or 'triton' for the fused prefix_attention, got {backend!r}")
 
 
@@ -149,7 +137,7 @@ def _backward_impl(grad_out, q, k, v, k_prefix, v_prefix, out, lse, scale, backe
         return torch.ops.guidg_fast.prefix_attention_backward(grad_out, q, k, v, k_prefix, v_prefix, out, lse, scale)
     if backend == "triton":
         return _kernels().prefix_attention_backward(
-            grad_out, q, k, v, k_prefix, v_prefix, out, lse, scale, poison=_poison()
+            grad_out, q, k, v, k_prefix, v_prefix, out, lse, scale
         )
     raise ValueError(f"backend must be 'ext' or 'triton' for the fused prefix_attention, got {backend!r}")
 
@@ -202,22 +190,6 @@ def _backward(ctx, grad_out, grad_lse):
 
 fused_prefix_attention.register_autograd(_backward, setup_context=_setup_context)
 
-if _backend.ext_has_kernels(SPEC.ext_ops, "cpu"):
-    # fake kernels of the raw C++ operators, so they can be traced and opchecked on their own too
-
-    @torch.library.register_fake("guidg_fast::prefix_attention_forward")
-    def _(q, k, v, k_prefix, v_prefix, scale):
-        K, M, S, H, Dh = q.shape
-        return q.new_empty((K, M, S, H, Dh)), q.new_empty((K, M, H, S))
-
-    @torch.library.register_fake("guidg_fast::prefix_attention_backward")
-    def _(grad_out, q, k, v, k_prefix, v_prefix, out, lse, scale):
-        return (
-            q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape),
-            q.new_empty(k_prefix.shape), q.new_empty(k_prefix.shape),
-        )
-
-
 # ----------------------------------------------------------------------------------------------
 # Packed: every suffix group of a text pass in one call
 
@@ -251,26 +223,6 @@ def _check_packed(qkv, k_prefix, v_prefix, groups, scale):
     return groups, _scale_value(scale, Dh)
 
 
-class _PackedPrefixAttention(torch.autograd.Function):
-    """The C++ CPU kernels over all groups: out and dqkv are single packed tensors (no per-group
-    outputs to concatenate, no q/k/v gradients to stack back into the QKV projection's layout)."""
-
-    @staticmethod
-    def forward(ctx, qkv, k_prefix, v_prefix, flat_groups, scale):
-        out, lse = torch.ops.guidg_fast.prefix_attention_packed_forward(qkv, k_prefix, v_prefix, flat_groups, scale)
-        ctx.save_for_backward(qkv, k_prefix, v_prefix, out, lse)
-        ctx.flat_groups, ctx.scale = flat_groups, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        qkv, k_prefix, v_prefix, out, lse = ctx.saved_tensors
-        dqkv, dkp, dvp = torch.ops.guidg_fast.prefix_attention_packed_backward(
-            grad_out.contiguous(), qkv, k_prefix, v_prefix, out, lse, ctx.flat_groups, ctx.scale
-        )
-        return dqkv, dkp, dvp, None, None
-
-
 def _packed_cpu_kernels() -> bool:
     return _backend.ext_has_kernels(("prefix_attention_packed_forward", "prefix_attention_packed_backward"), "cpu")
 
@@ -286,11 +238,11 @@ def prefix_attention_packed(qkv, k_prefix, v_prefix, groups, scale=None) -> torc
     """
     groups, scale = _check_packed(qkv, k_prefix, v_prefix, groups, scale)
     K = k_prefix.shape[0]
-    backend = _choose_backend(qkv.device)
+    backend = _backend.backend_for("prefix_attention", qkv.device.type)
     if (backend == "ext" and qkv.device.type == "cpu" and qkv.dtype in (torch.float32, torch.float64)
-            and _packed_cpu_kernels() and not torch.compiler.is_compiling()):
+            and _packed_cpu_kernels()):
         flat = [x for g in groups for x in g]
-        return _PackedPrefixAttention.apply(qkv, k_prefix, v_prefix, flat, scale)
+        return torch.ops.guidg_fast.prefix_attention_packed_forward(qkv, k_prefix, v_prefix, flat, scale)[0]
     T, _, H, Dh = qkv.shape
     sizes = [K * M * S for _, M, S in groups]
     outs = []
@@ -302,6 +254,8 @@ def prefix_attention_packed(qkv, k_prefix, v_prefix, groups, scale=None) -> torc
 
 
 if _packed_cpu_kernels():
+    # The C++ CPU kernels are this layout's only implementation, so (as pytorch/extension-cpp does)
+    # the fake and autograd formula attach to the C++ operators themselves.
 
     @torch.library.register_fake("guidg_fast::prefix_attention_packed_forward")
     def _(qkv, k_prefix, v_prefix, groups, scale):
@@ -311,3 +265,21 @@ if _packed_cpu_kernels():
     @torch.library.register_fake("guidg_fast::prefix_attention_packed_backward")
     def _(grad_out, qkv, k_prefix, v_prefix, out, lse, groups, scale):
         return qkv.new_empty(qkv.shape), qkv.new_empty(k_prefix.shape), qkv.new_empty(k_prefix.shape)
+
+    def _packed_setup_context(ctx, inputs, output):
+        qkv, k_prefix, v_prefix, groups, scale = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(qkv, k_prefix, v_prefix, out, lse)
+        ctx.groups, ctx.scale = groups, scale
+
+    def _packed_backward(ctx, grad_out, _grad_lse):
+        qkv, k_prefix, v_prefix, out, lse = ctx.saved_tensors
+        dqkv, dkp, dvp = torch.ops.guidg_fast.prefix_attention_packed_backward(
+            grad_out.contiguous(), qkv, k_prefix, v_prefix, out, lse, ctx.groups, ctx.scale
+        )
+        return dqkv, dkp, dvp, None, None
+
+    torch.library.register_autograd(
+        "guidg_fast::prefix_attention_packed_forward", _packed_backward, setup_context=_packed_setup_context
+    )

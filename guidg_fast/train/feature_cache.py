@@ -1,7 +1,7 @@
 """ImageFeatureCache: frozen-encoder image features, computed once per augmented view.
 
 In step 1 both CLIP encoders are frozen, so an image gives the same feature every epoch as long as
-it is seen through the same augmented view (GUIDG_SPEC, "exact shortcuts" 4). The cache encodes
+it is seen through the same augmented view (docs/guidg_math.md, "Exact shortcuts" 4). The cache encodes
 every image of a dataset once per view (``views`` augmented copies, each drawn with its own seed;
 ``views=1`` with a deterministic transform is exactly what the official code recomputes on every
 step) and serves (B, D) feature batches, so a step-1 iteration costs only the text pass and the
@@ -136,6 +136,7 @@ class ImageFeatureCache:
         transform_key: str | None = None,
         dtype: torch.dtype = torch.float32,
         workers: int | None = None,
+        distributed=None,
     ):
         if not hasattr(model, "encode_image"):
             raise ValueError(f"model must be a CLIP model with encode_image, got {type(model).__name__}")
@@ -162,6 +163,10 @@ class ImageFeatureCache:
         self.transform_key = transform_key
         self.dtype = dtype
         self.workers = check_workers(workers)
+        # [distributed] a train.distributed.DistContext: the build is sharded over its ranks (whole
+        # batches round-robin, gathered by an exact all-reduce), the file read only when every rank
+        # can read it, written by rank 0 alone
+        self.distributed = distributed if distributed is not None and distributed.enabled else None
         self.features: torch.Tensor | None = None  # (views, N, D), L2-normalised
         self.labels: torch.Tensor | None = None  # (N,) int64
         self.key: str | None = None
@@ -203,15 +208,19 @@ class ImageFeatureCache:
         self.rebuild_reason = None
         if self.features is not None:
             self.rebuild_reason = "stale in-memory features: " + self._stale_parts(self.parts or {}, parts)
-        if self.path is not None and os.path.exists(self.path):
-            loaded = self._read(key, parts)
-            if loaded is not None:
-                self.features, self.labels = loaded
-                self.key, self.parts = key, parts
-                return self
+        loaded = self._read(key, parts) if self.path is not None and os.path.exists(self.path) else None
+        if self.distributed is not None:  # all ranks read, or all build (the build is collective)
+            readable = torch.tensor([float(loaded is not None)], device=self.distributed.device)
+            self.distributed.all_reduce_sum_(readable, f"feature cache {self.path!r}: agreeing on read or build")
+            if int(readable.item()) < self.distributed.world_size:
+                loaded = None
+        if loaded is not None:
+            self.features, self.labels = loaded
+            self.key, self.parts = key, parts
+            return self
         self.features, self.labels = self._encode_all()
         self.key, self.parts, self.built = key, parts, True
-        if self.path is not None:
+        if self.path is not None and (self.distributed is None or self.distributed.is_main):
             self._write(key, parts)
         return self
 
@@ -269,21 +278,41 @@ class ImageFeatureCache:
         model.eval()
         N = len(self.dataset)
         features = None
-        labels = torch.empty(N, dtype=torch.int64)
+        shard = self.distributed
+        # [distributed] zeros where another rank's batches go: the gather below sums them in exactly
+        labels = (torch.zeros if shard is not None else torch.empty)(N, dtype=torch.int64)
         items = _ViewBatches(self.dataset, self.transform, self.seed, self.views, self.batch_size)
+        # [distributed] whole batches (view-major numbering) round-robin over the ranks
+        keys = range(len(items)) if shard is None else range(shard.rank, len(items), shard.world_size)
         pin = self.device.type == "cuda" and torch.cuda.is_available()
         try:
-            for view, start, images, y in make_loader(items, range(len(items)), self.workers, pin_memory=pin):
+            for view, start, images, y in make_loader(items, keys, self.workers, pin_memory=pin):
                 images = images.to(self.device, non_blocking=True)
                 if view == 0:
                     labels[start : start + y.shape[0]] = y
                 f = F.normalize(model.encode_image(images).float(), dim=-1).to(self.dtype)
                 if features is None:
-                    features = torch.empty((self.views, N, f.shape[-1]), dtype=self.dtype, device=self.store_device)
+                    empty = torch.zeros if shard is not None else torch.empty
+                    features = empty((self.views, N, f.shape[-1]), dtype=self.dtype, device=self.store_device)
                 features[view, start : start + y.shape[0]] = f.to(self.store_device)
         finally:
             model.train(was_training)
+        if shard is not None:
+            features, labels = self._gather_shards(features, labels)
         return features, labels.to(self.store_device)
+
+    def _gather_shards(self, features, labels):
+        """Every rank's batches on every rank: each element was written by one rank, zeros elsewhere,
+        so the sum all-reduce is the exact concatenation."""
+        shard = self.distributed
+        if features is None:  # more ranks than batches: this rank encoded nothing
+            D = int(self.model.visual.output_dim)
+            features = torch.zeros((self.views, len(self.dataset), D), dtype=self.dtype, device=self.store_device)
+        on_device = features.to(shard.device), labels.to(shard.device)
+        with shard.guard("feature cache build: gathering the ranks' features"):
+            for t in on_device:
+                shard.all_reduce_sum_(t)
+        return on_device[0].to(self.store_device), on_device[1]
 
     # -- use ---------------------------------------------------------------------------------------
     def _ready(self):

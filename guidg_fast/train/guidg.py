@@ -5,6 +5,7 @@ every computation goes through guidg_fast's ops and encoders.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -14,7 +15,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from .. import _checks, ops, reference
+from .. import _checks, ops
 from ..attention import CrossModalAttention
 from ..averaging import BetaMovingAverage, wise_ft
 from ..backbone import load_clip
@@ -24,6 +25,7 @@ from ..data.workers import check_workers
 from ..prompts import ExpertPromptLearner
 from ..text import encode_expert_prompts
 from . import checkpoint
+from . import distributed as dist_glue
 from .feature_cache import ImageFeatureCache
 from .steps import EVAL_PHASES, STEP2_PHASES, PhaseTimer, Step1Iteration, Step2Iteration, check_precision, compile_options
 
@@ -69,6 +71,7 @@ class GuiDG:
         weight_mode: str = "batch",
         seed: int = 0,
         precision: str | None = None,
+        dist_timeout: float | None = None,
     ):
         if not classnames:
             raise ValueError("classnames must be a non-empty list of class names")
@@ -95,7 +98,10 @@ class GuiDG:
             "weight_mode": weight_mode,
             "seed": seed,
         }
-        self.device = torch.device(device)
+        # [distributed] the initialised group, or one made from torchrun's environment; "cuda" becomes
+        # cuda:LOCAL_RANK. Every rank builds the same model from the same seed (DDP checks it too).
+        self.dist = dist_glue.setup(device, timeout_s=dist_timeout)
+        self.device = self.dist.device
         # a run-time choice, not part of the saved config: a model trained in bf16 on a GPU loads in fp32 on a CPU
         self.precision = check_precision(precision, self.device)
         torch.manual_seed(seed)
@@ -164,12 +170,30 @@ class GuiDG:
     def dataset_features(self, dataset, batch_size: int = 64, visual=None, *, workers: int | None = None,
                          image_cache: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen-encoder features of every image of ``dataset`` (one view) and the labels."""
+        if self.dist.enabled:  # [distributed] each rank encodes its batches; an exact all-reduce gathers
+            return self._dataset_features_sharded(dataset, batch_size, visual, workers, image_cache)
         feats, labels = [], []
         feed = EvalFeed([dataset], batch_size, self.device, workers=workers, store=self.image_cache(image_cache))
         for _, x, y in feed:
             feats.append(self.encode_images(x, visual))
             labels.append(y)
         return torch.cat(feats), torch.cat(labels).to(self.device)
+
+    @torch.no_grad()
+    def _dataset_features_sharded(self, dataset, batch_size: int, visual, workers, image_cache):
+        n, ctx = len(dataset), self.dist
+        feats = torch.zeros(n, int(self.model.visual.output_dim), device=self.device)
+        labels = torch.zeros(n, dtype=torch.long, device=self.device)
+        feed = EvalFeed([dataset], batch_size, self.device, workers=workers, store=self.image_cache(image_cache),
+                        shard=(ctx.rank, ctx.world_size))
+        for (_, b), (_, x, y) in zip(feed.keys, feed):
+            start = b * batch_size
+            feats[start : start + x.shape[0]] = self.encode_images(x, visual)
+            labels[start : start + x.shape[0]] = y
+        # rows are disjoint across ranks, zeros elsewhere: x + 0 sums are exact
+        ctx.all_reduce_sum_(feats, "gather of the step-1 image features")
+        ctx.all_reduce_sum_(labels, "gather of the step-1 labels")
+        return feats, labels
 
     # ------------------------------------------------------------------ step 1
     def fit_experts(
@@ -224,6 +248,7 @@ class GuiDG:
                     self.model, datasets[d], transform=transform, views=views, seed=self.config["seed"] + k,
                     path=os.path.join(cache_dir, f"step1_features_{k}.safetensors") if cache_dir else None,
                     workers=workers,
+                    distributed=self.dist,  # [distributed] build sharded over ranks, rank 0 writes
                 ).load_or_build()
                 for k, d in enumerate(self.domains)
             }
@@ -251,21 +276,29 @@ class GuiDG:
             scheduler.load_state_dict(state["scheduler"])
             self.history["step1"] = list(state["history"])
         guard = checkpoint.LossGuard("step 1", _NAN_CAUSES.format(lr=lr, tau=self.temperature))
-        bar = _progress(range(start, steps), progress, "step 1 (experts)")
+        bar = _progress(range(start, steps), progress and self.dist.is_main, "step 1 (experts)")
         seed = self.config["seed"]
-        iteration = Step1Iteration(self._step1_loss, optimizer, scheduler, options)
+        loss_fn, reduce_grads, rows = self._step1_loss, None, None
+        if self.dist.enabled:  # [distributed] each rank its rows of every expert's batch, ctx grads summed
+            rows = dist_glue.row_bounds(batch_size, self.dist.world_size)[self.dist.rank]
+            loss_fn = functools.partial(self._step1_loss, global_batch=batch_size)
+            reduce_grads = functools.partial(_all_reduce_grads_and_loss, self.dist, [self.learner.ctx])
+        iteration = Step1Iteration(loss_fn, optimizer, scheduler, options, reduce_grads=reduce_grads)
         for step in bar:
             t0 = time.perf_counter()
             batches = []
             for k, d in enumerate(self.domains):
                 idx = epoch_batch_indices(sizes[d], batch_size, step, seed, stream=k).to(self.device)
+                if rows is not None:
+                    idx = idx[rows[0] : rows[1]]
                 if caches is None:
                     feats, labels = cached[d]
                     batches.append((feats[idx], labels[idx]))
                 else:
                     epoch = step // max(1, math.ceil(sizes[d] / batch_size))
                     batches.append(caches[d].get(idx, caches[d].view_for_epoch(epoch), device=self.device))
-            loss = iteration(batches)
+            with self.dist.guard(f"step 1 (experts) iteration {step + 1}"):
+                loss = iteration(batches)
             guard.observe(step, loss)
             value = float(loss) / len(self.domains)
             self.history["step1"].append(value)
@@ -275,7 +308,7 @@ class GuiDG:
             saving = bool(checkpoint_dir and checkpoint_every and (step + 1) % checkpoint_every == 0)
             if saving or guard.due(step):
                 guard.check(step, self.history["step1"])  # never checkpoint a state after a NaN loss
-            if saving:
+            if saving and self.dist.is_main:  # [distributed] rank 0 writes
                 path = os.path.join(checkpoint_dir, STEP1_STATE)
                 checkpoint.save_state(
                     path,
@@ -288,12 +321,19 @@ class GuiDG:
         self.refresh_expert_features()
         return self.history["step1"]
 
-    def _step1_loss(self, batches) -> torch.Tensor:
-        """Sum over experts of the cross entropy of expert k's logits on domain k's cached features."""
+    def _step1_loss(self, batches, global_batch: int | None = None) -> torch.Tensor:
+        """Sum over experts of the cross entropy of expert k's logits on domain k's cached features.
+
+        ``global_batch`` (torch.distributed): the batches are this rank's rows of batches of that
+        size; the loss is this rank's share of the batch means (the ranks' shares sum to them)."""
         T = encode_expert_prompts(self.model, self.learner)
         loss = T.new_zeros(())
         for k, (feats, labels) in enumerate(batches):
-            loss = loss + F.cross_entropy(self.temperature * feats @ T[k].t(), labels)
+            logits = self.temperature * feats @ T[k].t()
+            if global_batch is None:
+                loss = loss + F.cross_entropy(logits, labels)
+            else:
+                loss = loss + F.cross_entropy(logits, labels, reduction="sum") / global_batch
         return loss
 
     @torch.no_grad()
@@ -305,14 +345,13 @@ class GuiDG:
     # ------------------------------------------------------------------ step 2
     def step2_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The guided loss of one batch and the expert weights used (all through guidg_fast.ops)."""
-        base = BASELINES[self.config["baseline"]]
         return self._guidance_loss(self.encode_images(x), y)
 
     def _guidance_loss(self, f: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         base = BASELINES[self.config["baseline"]]
         T = self.expert_features
         # CMAttn weights (f and T detached inside, as the official code does), their batch mean in
-        # batch mode, and the multi-expert loss: one op (one autograd node with the CPU extension)
+        # batch mode, and the multi-expert loss: ops.guidance_loss (the two fused ops composed)
         return ops.guidance_loss(
             f, T, y, *self.attn.stacked_parameters(), self.temperature, margin=base["margin"],
             entropy_weight=base["entropy_weight"], metric=self.attn.metric,
@@ -361,6 +400,10 @@ class GuiDG:
         options = compile_options(compile, self.device)
         timer = PhaseTimer(phase_times, self.device, STEP2_PHASES)
         names = sorted(datasets)
+        total = batch_per_domain * len(names)
+        if total < self.dist.world_size:
+            raise ValueError(f"batch_per_domain x domains = {total} images per step cannot be split over "
+                             f"{self.dist.world_size} ranks: every rank needs at least one")
         steps = iterations if iterations is not None else epochs * iters_per_epoch
         if steps < 1:
             raise ValueError(f"iterations must be >= 1, got {steps}")
@@ -384,27 +427,32 @@ class GuiDG:
             torch.set_rng_state(state["rng"])
             self.history["step2"] = list(state["history"])
         guard = checkpoint.LossGuard("step 2", _NAN_CAUSES.format(lr=lr, tau=self.temperature))
+        # [distributed] DDP over the encoder (CMAttn's parameters in the same reducer); each rank
+        # loads and encodes its contiguous slice of the global domain-major batch
+        encode, global_batch, rows = self.step2_distributed(visual, total)
         feed = Step2Feed([datasets[d] for d in names], batch_per_domain, self.config["seed"], self.device,
-                         start=start, stop=steps, workers=workers, store=self.image_cache(image_cache))
-        iteration = Step2Iteration(self.encode_images, self._guidance_loss, optimizer, scheduler, bma, options)
-        bar = _progress(range(start, steps), progress, "step 2 (fine-tune)")
+                         start=start, stop=steps, workers=workers, store=self.image_cache(image_cache), rows=rows)
+        iteration = Step2Iteration(encode, self._guidance_loss, optimizer, scheduler, bma, options,
+                                   global_batch=global_batch)
+        bar = _progress(range(start, steps), progress and self.dist.is_main, "step 2 (fine-tune)")
         visual.train()
         try:
             batches = timer.time_iter(feed)
             for step in bar:
                 t0 = time.perf_counter()
                 x, y = next(batches)
-                loss = iteration(x, y, timer)
+                with self.dist.guard(f"step 2 (fine-tune) iteration {step + 1}"):
+                    loss = iteration(x, y, timer)
                 guard.observe(step, loss)
                 value = float(loss)
                 self.history["step2"].append(value)
-                _postfix(bar, value, x.shape[0], time.perf_counter() - t0)
+                _postfix(bar, value, total, time.perf_counter() - t0)
                 if callback:
                     callback("step2", step, value)
                 saving = bool(checkpoint_dir and checkpoint_every and (step + 1) % checkpoint_every == 0)
                 if saving or guard.due(step):
                     guard.check(step, self.history["step2"])  # never checkpoint a state after a NaN loss
-                if saving:
+                if saving and self.dist.is_main:  # [distributed] rank 0 writes
                     path = os.path.join(checkpoint_dir, STEP2_STATE)
                     checkpoint.save_state(
                         path,
@@ -430,7 +478,22 @@ class GuiDG:
         else:
             self.eval_visual = visual
         self.eval_visual.eval()
+        if self.dist.enabled:  # [distributed] every rank computed the same BMA / WiSE-FT: make it bitwise rank 0's
+            self.dist.broadcast_module_(self.eval_visual, what="broadcast of the step-2 encoder")
+            self.dist.broadcast_module_(self.attn, what="broadcast of CMAttn")
         return self.history["step2"]
+
+    def step2_distributed(self, visual, total: int):
+        """Step 2's pieces for this process: (encode, global_batch, rows). One process: the plain
+        encoder, no gather, the whole batch. Under torch.distributed: the DDP-wrapped encoder (made
+        now: it broadcasts rank 0's weights), the feature gather of ``Step2Iteration`` and this
+        rank's rows [start, stop) of the global batch of ``total``."""
+        if not self.dist.enabled:
+            return self.encode_images, None, None
+        encoder = _ddp_encoder(visual, self.attn, self.dist)
+        start, stop = dist_glue.row_bounds(total, self.dist.world_size)[self.dist.rank]
+        return (functools.partial(self.encode_images, visual=encoder),
+                dist_glue.GlobalBatch(self.dist, start, stop, total), (start, stop))
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -461,13 +524,15 @@ class GuiDG:
         K = len(self.domains)
         tallies = {n: {"correct": 0, "experts": torch.zeros(K), "weights": torch.zeros(K), "batches": 0, "total": 0}
                    for n in names}
+        ctx = self.dist
+        # [distributed] whole batches round-robin over ranks: the batches of one process, each image once
         feed = EvalFeed([datasets[n] for n in names], batch_size, self.device, workers=workers,
-                        store=self.image_cache(image_cache))
-        for k_ds, x, y in timer.time_iter(feed):
+                        store=self.image_cache(image_cache), shard=(ctx.rank, ctx.world_size) if ctx.enabled else None)
+        for (_, b), (k_ds, x, y) in zip(feed.keys, timer.time_iter(feed)):
             with timer("compute"):
                 tally = tallies[names[k_ds]]
                 _checks.check_dataset_labels(y, len(self.classnames), f"datasets[{names[k_ds]!r}]",
-                                             offset=tally["total"])
+                                             offset=b * batch_size)
                 f = self.encode_images(x, self.eval_visual)
                 w = self.attn(f, T).mean(dim=0)
                 logits = ops.ensemble_logits(f, T, w, self.temperature)
@@ -477,6 +542,14 @@ class GuiDG:
                 tally["weights"] += w.float().cpu()
                 tally["batches"] += 1
                 tally["total"] += y.numel()
+        if ctx.enabled:  # [distributed] one all-reduce of every dataset's counts (float64: exact below 2^53)
+            packed = torch.cat([torch.cat([torch.tensor([t["correct"], t["batches"], t["total"]], dtype=torch.float64),
+                                           t["experts"].double(), t["weights"].double()])
+                                for t in (tallies[n] for n in names)]).to(self.device)
+            ctx.all_reduce_sum_(packed, "evaluation: all-reduce of the counts")
+            for name, row in zip(names, packed.cpu().view(len(names), 3 + 2 * K)):
+                tallies[name] = {"correct": int(row[0]), "batches": int(row[1]), "total": int(row[2]),
+                                 "experts": row[3 : 3 + K], "weights": row[3 + K :]}
         results = {}
         for name in names:
             t = tallies[name]
@@ -492,7 +565,11 @@ class GuiDG:
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str) -> None:
         """config.json + weights.safetensors (experts' contexts, CMAttn, the evaluation vision encoder;
-        the whole backbone too when it was randomly initialised, so loading reproduces predictions)."""
+        the whole backbone too when it was randomly initialised, so loading reproduces predictions).
+        Under torch.distributed rank 0 writes; the others wait until the folder is complete."""
+        if not self.dist.is_main:  # [distributed]
+            self.dist.barrier("save: waiting for rank 0 to write the model folder")
+            return
         tensors = {"learner.ctx": self.learner.ctx}
         tensors.update({f"attn.{k}": v for k, v in self.attn.state_dict().items()})
         tensors.update({f"eval_visual.{k}": v for k, v in self.eval_visual.state_dict().items()})
@@ -507,6 +584,7 @@ class GuiDG:
             "weights.safetensors": weights,
             "config.json": (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
         })
+        self.dist.barrier("save: the model folder is written")
 
     @classmethod
     def load(cls, directory: str, device: str | torch.device = "cpu", classnames: Sequence[str] | None = None,
@@ -590,6 +668,38 @@ class GuiDG:
         with torch.no_grad():
             self.learner.ctx[k].copy_(state["ctx"].to(self.learner.ctx))
         self.expert_features = None
+
+
+# ---------------------------------------------------------------------- distributed hooks
+def _all_reduce_grads_and_loss(ctx, params: list, loss: torch.Tensor) -> torch.Tensor:
+    """Sums the ranks' gradient shares of ``params`` and their loss shares in one all-reduce."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(grads[0].dtype)])
+    ctx.all_reduce_sum_(flat, "all-reduce of the gradient")
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+    return flat[-1]
+
+
+class _EncoderAndAttention(torch.nn.Module):
+    """The module DDP wraps: the vision encoder's forward, CMAttn's parameters in the same reducer."""
+
+    def __init__(self, visual, attn):
+        super().__init__()
+        self.visual, self.attn = visual, attn
+
+    def forward(self, x):
+        return self.visual(x)
+
+
+def _ddp_encoder(visual, attn, ctx):
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    with ctx.guard("DDP setup (weight broadcast from rank 0)"):
+        return DistributedDataParallel(_EncoderAndAttention(visual, attn), device_ids=device_ids)
 
 
 # Seconds between progress-bar redraws: a terminal gets tqdm's usual 0.1 s; a file or pipe (a

@@ -88,10 +88,15 @@ def tensor_lr(optimizer: torch.optim.Optimizer) -> None:
 
 
 class Step1Iteration:
-    """Step 1: the experts' text pass, every domain's logits and cross entropy, SGD."""
+    """Step 1: the experts' text pass, every domain's logits and cross entropy, SGD.
 
-    def __init__(self, loss_fn, optimizer, scheduler, options: dict | None):
+    ``reduce_grads`` (torch.distributed): called between backward and the SGD step with the loss;
+    sums the ranks' gradient and loss shares and returns the summed loss.
+    """
+
+    def __init__(self, loss_fn, optimizer, scheduler, options: dict | None, reduce_grads=None):
         self.optimizer, self.scheduler = optimizer, scheduler
+        self.reduce_grads = reduce_grads
         self.loss_fn = torch.compile(loss_fn, **options) if options is not None else loss_fn
         if options is not None:
             tensor_lr(optimizer)
@@ -103,6 +108,8 @@ class Step1Iteration:
         loss = self.loss_fn(batches)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.reduce_grads is not None:
+            loss = self.reduce_grads(loss)
         self._step()
         self.scheduler.step()
         return loss.detach()
@@ -113,10 +120,16 @@ class Step2Iteration:
 
     BMA stays one eager ``ops.bma_update_`` call for all tensors: its weight changes every step,
     and compiled it would specialise on that float (a recompile per step) to save one call.
+
+    ``global_batch`` (torch.distributed; a ``distributed.GlobalBatch``): x, y are this rank's rows
+    of the step's batch; between the encoder and the guidance loss the ranks' features are gathered,
+    every rank computes the loss of the whole batch (it depends on the whole batch: batch-mean
+    expert weights and loss), and the encoder backward gets this rank's rows of its gradient.
     """
 
-    def __init__(self, encode, guidance, optimizer, scheduler, bma, options: dict | None):
+    def __init__(self, encode, guidance, optimizer, scheduler, bma, options: dict | None, global_batch=None):
         self.optimizer, self.scheduler, self.bma = optimizer, scheduler, bma
+        self.global_batch = global_batch
         if options is not None:
             tensor_lr(optimizer)
             encode = torch.compile(encode, **options)
@@ -130,12 +143,17 @@ class Step2Iteration:
         self.optimizer.zero_grad(set_to_none=True)
         with timer("encoder"):
             f = self.encode(x)
+        if self.global_batch is not None:
+            with timer("gather"):
+                f_all, y = self.global_batch.gather(f, y)
+        else:
+            f_all = f
         with timer("guidance"):
-            f_leaf = f.detach().requires_grad_(True)
+            f_leaf = f_all.detach().requires_grad_(True)
             loss, _ = self.guidance(f_leaf, y)
             loss.backward()
         with timer("encoder"):
-            f.backward(f_leaf.grad)
+            f.backward(f_leaf.grad if self.global_batch is None else self.global_batch.local_grad(f_leaf.grad))
         with timer("optimizer"):
             self._step()
             self.scheduler.step()
