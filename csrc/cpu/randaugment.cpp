@@ -370,7 +370,7 @@ at::Tensor randaugment_uint8_cpu(const at::Tensor& images_in, const at::Tensor& 
                 ": source_maps must hold 0 (fill) or 1 + a pixel index in [1, ", H * W, "]");
   }
 
-  at::Tensor out = pooled_empty({B, 3, H, W}, images.options());  // recycled pages: no first-touch faults
+  at::Tensor out = at::empty({B, 3, H, W}, images.options());
   if (poison_requested()) out.fill_(0xA5);  // uint8 has no NaN: a sentinel level for a forgotten write
   if (B == 0) return out;
   const uint8_t* in = images.data_ptr<uint8_t>();
