@@ -40,18 +40,14 @@ log=build/setup_env.log
 # "[i/n] <compile command>" lines; only the step and the source file are printed here, the whole
 # output goes to build/setup_env.log
 set +e
-MAX_JOBS=${MAX_JOBS:-2} python -m pip install -v --no-build-isolation . > "$log" 2>&1 &
-pip_pid=$!
-tail -n +1 -F "$log" 2>/dev/null | grep --line-buffered -oE '^ *\[[0-9]+/[0-9]+\] .*' | sed -u 's/^ *//' \
-  | sed -u -E 's#^(\[[0-9]+/[0-9]+\]).* -c ([^ ]*/)?(csrc/[^ ]+\.(cpp|cu)).*#  \1 compiling \3#; s#^(\[[0-9]+/[0-9]+\]) ([^ ]*/)?(c\+\+|g\+\+|x86_64-linux-gnu-g\+\+) .*#  \1 linking guidg_fast._C#' &
-tail_pid=$!
-wait $pip_pid
-rc=$?
-kill $tail_pid 2>/dev/null; wait $tail_pid 2>/dev/null
+MAX_JOBS=${MAX_JOBS:-2} python -m pip install -v --no-build-isolation . 2>&1 | tee "$log" \
+  | grep --line-buffered -oE '^ *\[[0-9]+/[0-9]+\] .*' | sed -u 's/^ *//' \
+  | sed -u -E 's#^(\[[0-9]+/[0-9]+\]).* -c ([^ ]*/)?(csrc/[^ ]+\.(cpp|cu)).*#  \1 compiling \3#; s#^(\[[0-9]+/[0-9]+\]) ([^ ]*/)?(c\+\+|g\+\+|x86_64-linux-gnu-g\+\+) .*#  \1 linking guidg_fast._C#'
+rc=${PIPESTATUS[0]}
 set -e
 if [[ $rc -ne 0 ]]; then
   echo "building guidg_fast failed (exit $rc); the last lines of $log:" >&2
   tail -n 60 "$log" >&2
   exit $rc
 fi
-stage "done: $(python -c 'import guidg_fast, guidg_fast.ops as o; s = o.extension_status(); print("guidg_fast", guidg_fast.__version__, "with _C built," if s["built"] else "WITHOUT _C,", "CUDA kernels" if s["with_cuda"] else "no CUDA kernels,", "CPU loops", s["cpu_isa"])' 2>&1 | tail -1)"
+stage "done: $(python -P -c 'import guidg_fast, guidg_fast.ops as o; s = o.extension_status(); print("guidg_fast", guidg_fast.__version__, "with _C built," if s["built"] else "WITHOUT _C,", "CUDA kernels" if s["with_cuda"] else "no CUDA kernels,", "CPU loops", s["cpu_isa"])' 2>&1 | tail -1)"
