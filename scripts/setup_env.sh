@@ -50,4 +50,4 @@ if [[ $rc -ne 0 ]]; then
   tail -n 60 "$log" >&2
   exit $rc
 fi
-stage "done: $(python -P -c 'import guidg_fast, guidg_fast.ops as o; s = o.extension_status(); print("guidg_fast", guidg_fast.__version__, "with _C built," if s["built"] else "WITHOUT _C,", "CUDA kernels" if s["with_cuda"] else "no CUDA kernels,", "CPU loops", s["cpu_isa"])' 2>&1 | tail -1)"
+stage "done: $(python -P -c 'import guidg_fast, guidg_fast.ops as o; s = o.extension_status(); print("guidg_fast", guidg_fast.__version__, "with _C built," if s["built"] else "WITHOUT _C,", "CUDA kernels," if s["with_cuda"] else "no CUDA kernels,", "CPU loops", s["cpu_isa"])' 2>&1 | tail -1)"

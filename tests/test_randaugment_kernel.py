@@ -4,7 +4,7 @@ import torch
 
 import guidg_fast.data.augment as augment_module
 from guidg_fast.data.augment import RANDAUGMENT_OPS, BatchedRandAugment, RandAugmentPlan, randaugment_magnitudes
-from tests.test_augment import SIGNED, _images, _torchvision_op
+from test_augment import SIGNED, _images, _torchvision_op
 
 pytestmark = pytest.mark.skipif(augment_module._cpu_kernel() is None, reason="guidg_fast._C is not built")
 SIZES = [(31, 47), (2, 5), (64, 64)]
