@@ -182,6 +182,17 @@ def _build_into(dataset, plan: TransformPlan, images: torch.Tensor, workers: int
     return labels
 
 
+def _in_memory(dataset, plan, key, workers, nbytes: int, too_big: str, **extra):
+    """The dataset's uint8 images built into memory, or None (with a warning) above MAX_IN_MEMORY_BYTES."""
+    if nbytes > MAX_IN_MEMORY_BYTES:
+        warnings.warn(f"{dataset!r}: a uint8 cache would take {nbytes / 2**30:.1f} GiB of memory; {too_big}",
+                      stacklevel=4)
+        return None
+    images = torch.empty((len(dataset), 3, *plan.size), dtype=torch.uint8)
+    labels = _build_into(dataset, plan, images, workers)
+    return UInt8Images(images, labels, plan, key, built=True, **extra)
+
+
 class ImageCacheStore:
     """Finds, builds and remembers the uint8 caches of datasets (see the module docstring).
 
@@ -207,14 +218,10 @@ class ImageCacheStore:
             if cached is not None and cached.key == key and cached._owner() is dataset:
                 cached.built = False
                 return cached
-            if nbytes > MAX_IN_MEMORY_BYTES:
-                warnings.warn(f"{dataset!r}: a uint8 cache would take {nbytes / 2**30:.1f} GiB of memory; "
-                              "its images go through the workers uncached", stacklevel=3)
-                return None
-            images = torch.empty((len(dataset), 3, *plan.size), dtype=torch.uint8)
-            labels = _build_into(dataset, plan, images, workers)
-            entry = UInt8Images(images, labels, plan, key, built=True, _owner=weakref.ref(dataset))
-            self._memo[slot] = entry
+            entry = _in_memory(dataset, plan, key, workers, nbytes, "its images go through the workers uncached",
+                               _owner=weakref.ref(dataset))
+            if entry is not None:
+                self._memo[slot] = entry
             return entry
         slot = _digest("files", *files, plan.key)
         key = _digest(slot, _files_state(files))
@@ -224,13 +231,10 @@ class ImageCacheStore:
             return cached
         reason = "stale: an image file's size or mtime changed" if cached is not None else None
         if self.cache_dir is None:
-            if nbytes > MAX_IN_MEMORY_BYTES:
-                warnings.warn(f"{dataset!r}: a uint8 cache would take {nbytes / 2**30:.1f} GiB of memory; pass a "
-                              "cache folder (cache_dir=, --image-cache) to memory-map it. Uncached for now", stacklevel=3)
+            entry = _in_memory(dataset, plan, key, workers, nbytes, "pass a cache folder (cache_dir=, --image-cache) "
+                               "to memory-map it. Uncached for now", rebuild_reason=reason)
+            if entry is None:
                 return None
-            images = torch.empty((len(dataset), 3, *plan.size), dtype=torch.uint8)
-            labels = _build_into(dataset, plan, images, workers)
-            entry = UInt8Images(images, labels, plan, key, built=True, rebuild_reason=reason)
         else:
             entry = self._file_cache(dataset, plan, slot, key, workers)
         self._memo[slot] = entry
