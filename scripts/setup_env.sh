@@ -3,7 +3,7 @@
 # (non-editable) with its C++/CUDA extension. Needs only python3 (>= 3.10); safe to run again (an
 # existing .venv is reused: only the package is rebuilt).
 #
-# The first install takes ~10-20 minutes on 2 cores, most of it nvcc: the CUDA objects are compiled
+# The first install takes ~6 minutes on an idle 2-core box (16 on a busy one), most of it nvcc: the CUDA objects are compiled
 # whenever torch has CUDA and nvcc is found, also on a machine without a GPU (GUIDG_FAST_CUDA=0 skips
 # them: a few minutes; TORCH_CUDA_ARCH_LIST picks the architectures, default "8.0;9.0").
 set -euo pipefail
