@@ -133,6 +133,18 @@ def max_rel_err(a: tuple, b: tuple) -> float:
     return worst
 
 
+def _proc_kib(path: str, key: str) -> int | None:
+    """Bytes of a ``key: N kB`` line of a /proc file (Linux), or None where it cannot be read."""
+    try:
+        with open(path) as fh:
+            for line in fh:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _maxrss_bytes() -> int:
     """Peak RSS of this process in bytes.
 
@@ -140,13 +152,9 @@ def _maxrss_bytes() -> int:
     spawned this process, so a child of a big parent (the bench runner after timing a case) would
     report the parent's size as its own peak.
     """
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _proc_kib("/proc/self/status", "VmHWM:")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -191,14 +199,7 @@ def available_memory(device: str) -> int | None:
     CUDA; None where it cannot be read (the memory check is then skipped)."""
     if device.startswith("cuda"):
         return torch.cuda.mem_get_info()[0]
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _proc_kib("/proc/meminfo", "MemAvailable:")
 
 
 def _malloc_trim() -> None:

@@ -70,7 +70,7 @@ def cpu_isa_cap(name: str):
     ext = load_extension()
     if ext is None:
         raise RuntimeError(f"guidg_fast._C is not built ({_extension_error}): no CPU ISA paths to choose")
-    before = os.environ.get("GUIDG_FAST_CPU_ISA", "").strip() or "avx512"
+    before = ext.cpu_isa()  # the effective level: as a cap it restores exactly what ran before
     ext.set_cpu_isa_cap(name)
     try:
         yield ext.cpu_isa()
