@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..backbone import encode_image
 from ..data.workers import check_workers, make_loader
 
 FORMAT_VERSION = "1"
@@ -290,7 +291,7 @@ class ImageFeatureCache:
                 images = images.to(self.device, non_blocking=True)
                 if view == 0:
                     labels[start : start + y.shape[0]] = y
-                f = F.normalize(model.encode_image(images).float(), dim=-1).to(self.dtype)
+                f = F.normalize(encode_image(model, images).float(), dim=-1).to(self.dtype)
                 if features is None:
                     empty = torch.zeros if shard is not None else torch.empty
                     features = empty((self.views, N, f.shape[-1]), dtype=self.dtype, device=self.store_device)

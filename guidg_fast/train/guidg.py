@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .. import _checks, ops
 from ..attention import CrossModalAttention
 from ..averaging import BetaMovingAverage, wise_ft
-from ..backbone import load_clip
+from ..backbone import image_embedding, load_clip
 from ..data.image_cache import ImageCacheStore
 from ..data.loaders import EvalFeed, Step2Feed, epoch_batch_indices
 from ..data.workers import check_workers
@@ -163,7 +163,7 @@ class GuiDG:
     def encode_images(self, images: torch.Tensor, visual=None) -> torch.Tensor:
         visual = visual if visual is not None else self.model.visual
         with self._autocast():
-            f = visual(images.to(self.device))
+            f = image_embedding(visual, images.to(self.device))
         return F.normalize(f.float(), dim=-1)
 
     @torch.no_grad()
@@ -691,7 +691,7 @@ class _EncoderAndAttention(torch.nn.Module):
         self.visual, self.attn = visual, attn
 
     def forward(self, x):
-        return self.visual(x)
+        return image_embedding(self.visual, x)
 
 
 def _ddp_encoder(visual, attn, ctx):
