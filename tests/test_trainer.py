@@ -150,8 +150,36 @@ def test_progress_bar_redraws_rarely_when_not_a_terminal(capsys):
     from guidg_fast.train import guidg
 
     bar = guidg._progress(range(500), True, "step x")
+    log = guidg._LossLog(bar)
     for _ in bar:
-        guidg._postfix(bar, 1.25, 10, 0.5)
+        log.last -= 0.5  # as if each step took 0.5 s
+        log.show(bar, 1.25, 10)
     err = capsys.readouterr().err
     assert err.count("\r") < 10, f"{err.count(chr(13))} redraws for 500 steps"
     assert "500/500" in err and "loss=1.2500" in err and "img_per_s=20" in err
+
+
+def test_losses_are_read_to_the_host_in_batches_not_every_step(monkeypatch):
+    # a per-step float(loss) makes the host wait for the device every step: the loops read the
+    # pending losses together (checkpoints, NaN checks, progress updates, the last step)
+    import guidg_fast as gf
+    from guidg_fast.train import checkpoint
+
+    reads = []
+    original = checkpoint.LossGuard.drain
+
+    def counting(self):
+        values = original(self)
+        reads.append(len(values))
+        return values
+
+    monkeypatch.setattr(checkpoint.LossGuard, "drain", counting)
+    trainer = _model()
+    data = _data()
+    trainer.fit_experts(data, iterations=7, batch_size=4, progress=False)
+    assert sum(reads) == 7 and len(trainer.history["step1"]) == 7 and reads[-1] == 7, reads
+    seen = []
+    trainer.fit_experts(data, iterations=3, batch_size=4, progress=False,
+                        callback=lambda stage, step, loss: seen.append((step, loss)))
+    assert [s for s, _ in seen] == [0, 1, 2]
+    assert [v for _, v in seen] == trainer.history["step1"][-3:]

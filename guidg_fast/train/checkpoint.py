@@ -342,12 +342,22 @@ class LossGuard:
         self.checkpoint: str | None = None  # the last state file written from a checked state
         self._sum = None
         self._first: int | None = None
+        self._pending: list = []  # the per-step losses not yet read to the host
 
     def observe(self, step: int, loss: torch.Tensor) -> None:
         value = loss.detach().float()
         self._sum = value if self._sum is None else self._sum + value
+        self._pending.append(value)
         if self._first is None:
             self._first = step
+
+    def drain(self) -> list[float]:
+        """The losses observed since the last drain, read to the host in one transfer (one sync)."""
+        if not self._pending:
+            return []
+        values = torch.stack(self._pending).tolist()
+        self._pending = []
+        return values
 
     def due(self, step: int) -> bool:
         return (step + 1) % self.every == 0

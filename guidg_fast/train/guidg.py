@@ -27,6 +27,7 @@ from ..text import encode_expert_prompts
 from . import checkpoint
 from . import distributed as dist_glue
 from .feature_cache import ImageFeatureCache
+from .host_memory import steady_heap
 from .steps import EVAL_PHASES, STEP2_PHASES, PhaseTimer, Step1Iteration, Step2Iteration, check_precision, compile_options
 
 BASELINES = {
@@ -48,6 +49,17 @@ def _classnames_of(dataset) -> list | None:
     if names is None and hasattr(dataset, "dataset"):  # torch Subset
         names = getattr(dataset.dataset, "classnames", None)
     return list(names) if names is not None else None
+
+
+def _on_steady_heap(method):
+    """Runs a training/evaluation entry point with the CPU heap kept steady (host_memory.py)."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with steady_heap(self.device):
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 class GuiDG:
@@ -196,6 +208,7 @@ class GuiDG:
         return feats, labels
 
     # ------------------------------------------------------------------ step 1
+    @_on_steady_heap
     def fit_experts(
         self,
         datasets: Mapping,
@@ -284,8 +297,8 @@ class GuiDG:
             loss_fn = functools.partial(self._step1_loss, global_batch=batch_size)
             reduce_grads = functools.partial(_all_reduce_grads_and_loss, self.dist, [self.learner.ctx])
         iteration = Step1Iteration(loss_fn, optimizer, scheduler, options, reduce_grads=reduce_grads)
+        log = _LossLog(bar)
         for step in bar:
-            t0 = time.perf_counter()
             batches = []
             for k, d in enumerate(self.domains):
                 idx = epoch_batch_indices(sizes[d], batch_size, step, seed, stream=k).to(self.device)
@@ -300,12 +313,13 @@ class GuiDG:
             with self.dist.guard(f"step 1 (experts) iteration {step + 1}"):
                 loss = iteration(batches)
             guard.observe(step, loss)
-            value = float(loss) / len(self.domains)
-            self.history["step1"].append(value)
-            _postfix(bar, value, len(self.domains) * batch_size, time.perf_counter() - t0)
-            if callback:
-                callback("step1", step, value)
             saving = bool(checkpoint_dir and checkpoint_every and (step + 1) % checkpoint_every == 0)
+            if callback or saving or guard.due(step) or step == steps - 1 or log.due():
+                values = [v / len(self.domains) for v in guard.drain()]
+                self.history["step1"].extend(values)
+                log.show(bar, values[-1], len(values) * len(self.domains) * batch_size)
+                if callback:
+                    callback("step1", step, values[-1])
             if saving or guard.due(step):
                 guard.check(step, self.history["step1"])  # never checkpoint a state after a NaN loss
             if saving and self.dist.is_main:  # [distributed] rank 0 writes
@@ -358,6 +372,7 @@ class GuiDG:
             weights="batch" if self.config["weight_mode"] == "batch" else "per_sample",
         )
 
+    @_on_steady_heap
     def finetune(
         self,
         datasets: Mapping,
@@ -438,18 +453,19 @@ class GuiDG:
         visual.train()
         try:
             batches = timer.time_iter(feed)
+            log = _LossLog(bar)
             for step in bar:
-                t0 = time.perf_counter()
                 x, y = next(batches)
                 with self.dist.guard(f"step 2 (fine-tune) iteration {step + 1}"):
                     loss = iteration(x, y, timer)
                 guard.observe(step, loss)
-                value = float(loss)
-                self.history["step2"].append(value)
-                _postfix(bar, value, total, time.perf_counter() - t0)
-                if callback:
-                    callback("step2", step, value)
                 saving = bool(checkpoint_dir and checkpoint_every and (step + 1) % checkpoint_every == 0)
+                if callback or saving or guard.due(step) or step == steps - 1 or log.due():
+                    values = guard.drain()
+                    self.history["step2"].extend(values)
+                    log.show(bar, values[-1], len(values) * total)
+                    if callback:
+                        callback("step2", step, values[-1])
                 if saving or guard.due(step):
                     guard.check(step, self.history["step2"])  # never checkpoint a state after a NaN loss
                 if saving and self.dist.is_main:  # [distributed] rank 0 writes
@@ -505,6 +521,7 @@ class GuiDG:
         w = self.attn(f, self.expert_features).mean(dim=0)
         return ops.ensemble_logits(f, self.expert_features, w, self.temperature), w
 
+    @_on_steady_heap
     @torch.no_grad()
     def evaluate(self, datasets: Mapping, batch_size: int = 64, *, workers: int | None = None,
                  phase_times: dict | None = None, image_cache: str | None = None) -> dict:
@@ -721,7 +738,27 @@ def _progress(iterable, enabled: bool, desc: str):
                 mininterval=_REDRAW_TTY_S if interactive else _REDRAW_LOG_S)
 
 
-def _postfix(bar, loss: float, images: int, seconds: float) -> None:
-    # refresh=False: the numbers show at the bar's next redraw (set_postfix would force one per step)
-    if hasattr(bar, "set_postfix"):
-        bar.set_postfix(loss=f"{loss:.4f}", img_per_s=f"{images / max(seconds, 1e-9):.0f}", refresh=False)
+class _LossLog:
+    """When the training loops read their losses to the host. Reading a loss waits for the device to
+    finish the step, and the next step's launches then cannot overlap it, so the loops read the
+    pending losses in one transfer only when something needs them: a callback (every step), a
+    checkpoint, the NaN check, the last step, or the progress bar's next update (at most one per
+    ``interval`` seconds)."""
+
+    def __init__(self, bar):
+        self.interval = _LOSS_READ_S if hasattr(bar, "set_postfix") else float("inf")
+        self.last = time.perf_counter()
+
+    def due(self) -> bool:
+        return time.perf_counter() - self.last >= self.interval
+
+    def show(self, bar, loss: float, images: int) -> None:
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        # refresh=False: the numbers show at the bar's next redraw (set_postfix would force one)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{loss:.4f}", img_per_s=f"{images / max(seconds, 1e-9):.0f}", refresh=False)
+
+
+# The progress bar's loss and img/s are read from the device at most this often (seconds).
+_LOSS_READ_S = 1.0
