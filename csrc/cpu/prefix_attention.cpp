@@ -698,8 +698,8 @@ namespace {
 // writes dq / dk / dv straight into one (T, 3, H, Dh) gradient: no per-group outputs to
 // concatenate or stack.
 // Measured (shared 2-core box, 2026-12-03): one CPU step-1 iteration (bench/entries/step1_iteration.py,
-// fast provider, ViT-B-16 random init, K = 3, C = 200, B = 32), 4 runs of each layout alternated:
-// packed median 7.79 s (6.33 .. 8.78), per-group prefix_attention median 13.27 s (9.16 .. 14.59): the
+// fast provider, ViT-B-16 random init, K = 3, C = 200, B = 32), 3 runs of each layout alternated:
+// packed median 8.90 s (8.73 .. 9.77), per-group prefix_attention median 15.05 s (11.79 .. 16.40): the
 // packed layout saves ~41% of the iteration. Command: with s1 = guidg_fast.bench.entries.step1_iteration,
 // run = s1.make(s1.cases(False)[0], "fast", torch.device("cpu")); time run() alternately as is and
 // with guidg_fast.ops.prefix_attention's _packed_cpu_kernels patched to return False (per group).
