@@ -8,7 +8,7 @@ half inputs are computed in fp32); dots use input_precision="ieee" so results ma
 reference on GPUs too (no TF32). One pinned config, no autotuning.
 
 Host functions ``multi_expert_loss_forward`` / ``multi_expert_loss_backward`` take and return the
-same tensors as the C++ operators guidg_fast::multi_expert_loss_forward / _backward. No autograd.
+same tensors as the C++ kernels guidg_fast._C.multi_expert_loss_forward / _backward. No autograd.
 """
 from __future__ import annotations
 

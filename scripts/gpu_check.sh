@@ -49,7 +49,7 @@ cd - >/dev/null
 SMOKE="
 import torch, guidg_fast
 try:
-    torch.ops.guidg_fast.cmattn_forward(torch.randn(4, 3, 8).transpose(0, 1), torch.randn(2, 4, 8), True)
+    guidg_fast.ops._backend.load_extension().cmattn_forward(torch.randn(4, 3, 8).transpose(0, 1), torch.randn(2, 4, 8), True)
     print('C++ exception path: NO ERROR RAISED')
 except RuntimeError as e:
     print('C++ exception path: ok (RuntimeError raised)')

@@ -66,7 +66,7 @@ def test_extension_is_built_when_required():
 @pytest.mark.parametrize("backend", cpu_backends("bma_update_"))
 def test_opcheck_bma_update(backend):
     avg, val = [torch.randn(3, 4), torch.randn(5)], [torch.randn(3, 4), torch.randn(5)]
-    torch.library.opcheck(torch.ops.guidg_fast.fused_bma_update_.default, (avg, val, 0.3, backend))
+    torch.library.opcheck(torch.ops.guidg_fast.bma_update_.default, (avg, val, 0.3, backend))
 
 
 def test_beta_moving_average_uses_one_call(monkeypatch):

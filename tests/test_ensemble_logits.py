@@ -110,10 +110,10 @@ def test_opcheck_ensemble_logits(backend, per_sample):
     f, T, w = _inputs(3, 2, 5, 17, per_sample)
     f.requires_grad_()
     T.requires_grad_()
-    torch.library.opcheck(torch.ops.guidg_fast.fused_ensemble_logits.default, (f, T, w, TAU, backend))
+    torch.library.opcheck(torch.ops.guidg_fast.ensemble_logits.default, (f, T, w, TAU, backend))
     g = torch.randn(3, 5)
     torch.library.opcheck(
-        torch.ops.guidg_fast.fused_ensemble_logits_backward.default, (g, f.detach(), T.detach(), w, TAU, backend, True, False, True)
+        torch.ops.guidg_fast.ensemble_logits_backward.default, (g, f.detach(), T.detach(), w, TAU, backend, True, False, True)
     )
 
 
@@ -151,13 +151,13 @@ def test_ensemble_logits_ext_kernels_reject_bad_inputs():
         pytest.skip("guidg_fast._C not built")
     f, T, w = _inputs(3, 2, 5, 8, per_sample=False)
     with pytest.raises(RuntimeError, match="T must have shape"):
-        torch.ops.guidg_fast.ensemble_logits_forward(f, T[..., :7].contiguous(), w, TAU)
+        _backend.load_extension().ensemble_logits_forward(f, T[..., :7].contiguous(), w, TAU)
     with pytest.raises(RuntimeError, match=r"w \(per-sample weights\) must have shape"):
-        torch.ops.guidg_fast.ensemble_logits_forward(f, T, torch.rand(2, 2), TAU)
+        _backend.load_extension().ensemble_logits_forward(f, T, torch.rand(2, 2), TAU)
     with pytest.raises(RuntimeError, match="f must be contiguous"):
-        torch.ops.guidg_fast.ensemble_logits_forward(torch.rand(8, 3).t(), T, w, TAU)
+        _backend.load_extension().ensemble_logits_forward(torch.rand(8, 3).t(), T, w, TAU)
     with pytest.raises(RuntimeError, match="grad must have shape"):
-        torch.ops.guidg_fast.ensemble_logits_backward(torch.rand(3, 4), f, T, w, TAU, True, True, True)
+        _backend.load_extension().ensemble_logits_backward(torch.rand(3, 4), f, T, w, TAU, True, True, True)
 
 
 def test_ensemble_logits_bad_inputs():

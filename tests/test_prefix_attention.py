@@ -281,11 +281,11 @@ def test_prefix_attention_opcheck():
     if "ext" not in _backend.available("prefix_attention", "cpu"):
         pytest.skip("guidg_fast._C has no prefix_attention kernel")
     q, k, v, kp, vp = _attn_inputs((2, 3, 4, 2, 2, 8))
-    torch.library.opcheck(torch.ops.guidg_fast.fused_prefix_attention.default, (q, k, v, kp, vp, 0.3, "ext"))
+    torch.library.opcheck(torch.ops.guidg_fast.prefix_attention.default, (q, k, v, kp, vp, 0.3, "ext"))
     q, k, v, kp, vp = (t.detach() for t in (q, k, v, kp, vp))
-    out, lse = torch.ops.guidg_fast.prefix_attention_forward(q, k, v, kp, vp, 0.3)
+    out, lse = _backend.load_extension().prefix_attention_forward(q, k, v, kp, vp, 0.3)
     args = (torch.randn_like(out), q, k, v, kp, vp, out, lse, 0.3)
-    torch.library.opcheck(torch.ops.guidg_fast.fused_prefix_attention_backward.default, (*args, "ext"))
+    torch.library.opcheck(torch.ops.guidg_fast.prefix_attention_backward.default, (*args, "ext"))
 
 
 @pytest.mark.parametrize("backend", cpu_backends("eot_project"))
@@ -330,11 +330,11 @@ def test_eot_project_opcheck():
     if "ext" not in _backend.available("eot_project", "cpu"):
         pytest.skip("guidg_fast._C has no eot_project kernel")
     (x, w, b, proj), eot = _eot_inputs((4, 5, 16, 8))
-    torch.library.opcheck(torch.ops.guidg_fast.fused_eot_project.default, (x, eot, w, b, proj, 1e-5, "ext"))
+    torch.library.opcheck(torch.ops.guidg_fast.eot_project.default, (x, eot, w, b, proj, 1e-5, "ext"))
     x, w, b, proj = (t.detach() for t in (x, w, b, proj))
-    out, xhat, rstd, inv_norm = torch.ops.guidg_fast.eot_project_forward(x, eot, w, b, proj, 1e-5)
+    out, xhat, rstd, inv_norm = _backend.load_extension().eot_project_forward(x, eot, w, b, proj, 1e-5)
     args = (torch.randn_like(out), out, inv_norm, xhat, rstd, eot, x, w, b, proj)
-    torch.library.opcheck(torch.ops.guidg_fast.fused_eot_project_backward.default, (*args, "ext"))
+    torch.library.opcheck(torch.ops.guidg_fast.eot_project_backward.default, (*args, "ext"))
 
 
 def test_ops_compile_without_graph_breaks():
@@ -456,12 +456,12 @@ def test_packed_cpu_kernels_run_and_gradcheck():
     with torch.profiler.profile() as prof, ops.use_backend("ext"):
         ops.prefix_attention_packed(qkv, kp, vp, groups).sum().backward()
     ran = {e.name for e in prof.events()}
-    assert {"guidg_fast::prefix_attention_packed_forward", "guidg_fast::prefix_attention_packed_backward"} <= ran
+    assert {"guidg_fast::prefix_attention_packed", "guidg_fast::prefix_attention_packed_backward"} <= ran
     with ops.use_backend("ext"):
         assert torch.autograd.gradcheck(lambda *a: ops.prefix_attention_packed(*a, groups), (qkv, kp, vp))
     flat = [x for g in groups for x in g]
-    torch.library.opcheck(torch.ops.guidg_fast.prefix_attention_packed_forward.default, (qkv, kp, vp, flat, 0.5))
-    out, lse = torch.ops.guidg_fast.prefix_attention_packed_forward(qkv.detach(), kp.detach(), vp.detach(), flat, 0.5)
+    torch.library.opcheck(torch.ops.guidg_fast.prefix_attention_packed.default, (qkv, kp, vp, flat, 0.5))
+    out, lse = torch.ops.guidg_fast.prefix_attention_packed(qkv.detach(), kp.detach(), vp.detach(), flat, 0.5)
     torch.library.opcheck(torch.ops.guidg_fast.prefix_attention_packed_backward.default,
                           (torch.randn_like(out), qkv.detach(), kp.detach(), vp.detach(), out, lse, flat, 0.5))
 
@@ -478,5 +478,5 @@ def test_packed_bad_inputs():
         ops.prefix_attention_packed(qkv, kp[:, :, :1], vp, groups)
     if "ext" in _backend.available("prefix_attention", "cpu"):
         with pytest.raises(RuntimeError, match="must start at token"):
-            torch.ops.guidg_fast.prefix_attention_packed_forward(qkv.detach(), kp.detach(), vp.detach(),
-                                                                 [0, 2, 2, 9, 1, 3], 0.5)
+            _backend.load_extension().prefix_attention_packed_forward(qkv.detach(), kp.detach(), vp.detach(),
+                                                                      [0, 2, 2, 9, 1, 3], 0.5)

@@ -1,8 +1,9 @@
-"""The CPU RandAugment kernel (guidg_fast::randaugment_uint8) against torchvision and the torch-ops path."""
+"""The CPU RandAugment kernel (guidg_fast._C.randaugment_uint8) against torchvision and the torch-ops path."""
 import pytest
 import torch
 
 import guidg_fast.data.augment as augment_module
+from guidg_fast.ops import _backend
 from guidg_fast.data.augment import RANDAUGMENT_OPS, BatchedRandAugment, RandAugmentPlan, randaugment_magnitudes
 from test_augment import SIGNED, _images, _torchvision_op
 
@@ -66,7 +67,7 @@ def test_kernel_matches_torch_ops_on_random_plans(monkeypatch):
 
 
 def test_kernel_bad_arguments_are_named():
-    kernel = torch.ops.guidg_fast.randaugment_uint8
+    kernel = _backend.load_extension().randaugment_uint8
     images = _images(2, 8, 8, seed=0)
     ids = torch.zeros(2, 1, dtype=torch.int64)
     mags = torch.zeros(2, 1, dtype=torch.float64)

@@ -3,11 +3,12 @@
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <torch/library.h>
 
 #include <vector>
 
 #include "bma_update.h"
+#include "bma_update_args.h"
+#include "launchers.h"
 
 namespace guidg_fast {
 namespace {
@@ -18,25 +19,15 @@ struct ChunkRef {
   int64_t end;
 };
 
+}  // namespace
+
 void bma_update_cpu(at::TensorList averaged, at::TensorList tensors, double relative_weight) {
-  TORCH_CHECK(averaged.size() == tensors.size(), "averaged_tensors and tensors must have the same length, got ",
-              averaged.size(), " and ", tensors.size());
+  bma_update::check_inputs(averaged, tensors, at::Device(at::kCPU), "CPU kernel");
   if (averaged.empty()) return;
   const auto dtype = averaged[0].scalar_type();
   std::vector<ChunkRef> chunks;
   for (size_t i = 0; i < averaged.size(); ++i) {
-    const auto& a = averaged[i];
-    const auto& t = tensors[i];
-    TORCH_CHECK(a.device().is_cpu() && t.device().is_cpu(), "bma_update_ (CPU kernel): averaged_tensors[", i,
-                "] and tensors[", i, "] must be CPU tensors");
-    TORCH_CHECK(a.scalar_type() == dtype && t.scalar_type() == dtype,
-                "bma_update_: all tensors of one call must share a dtype (", dtype, "), got ", a.scalar_type(),
-                " and ", t.scalar_type(), " at index ", i);
-    TORCH_CHECK(a.sizes() == t.sizes(), "bma_update_: averaged_tensors[", i, "] has shape ", a.sizes(),
-                " but tensors[", i, "] has shape ", t.sizes());
-    TORCH_CHECK(a.is_contiguous() && t.is_contiguous(), "bma_update_: averaged_tensors[", i, "] and tensors[", i,
-                "] must be contiguous");
-    const int64_t n = a.numel();
+    const int64_t n = averaged[i].numel();
     for (int64_t s = 0; s < n; s += kBmaChunk) chunks.push_back({static_cast<int64_t>(i), s, std::min(n, s + kBmaChunk)});
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bma_update_cpu", [&] {
@@ -60,9 +51,5 @@ void bma_update_cpu(at::TensorList averaged, at::TensorList tensors, double rela
     });
   });
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(guidg_fast, CPU, m) { m.impl("bma_update_", &bma_update_cpu); }
 
 }  // namespace guidg_fast

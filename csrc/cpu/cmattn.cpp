@@ -6,7 +6,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <array>
@@ -21,6 +20,7 @@
 #include "cmattn_args.h"
 #include "cpu_isa.h"
 #include "outputs.h"
+#include "launchers.h"
 
 namespace guidg_fast {
 namespace {
@@ -274,11 +274,6 @@ std::tuple<at::Tensor, at::Tensor> cmattn_backward_cpu(const at::Tensor& grad_ou
                                         K, D, dqp, dkp);
   });
   return {dq, dkey};
-}
-
-TORCH_LIBRARY_IMPL(guidg_fast, CPU, m) {
-  m.impl("cmattn_forward", &cmattn_forward_cpu);
-  m.impl("cmattn_backward", &cmattn_backward_cpu);
 }
 
 }  // namespace guidg_fast

@@ -9,7 +9,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -24,6 +23,7 @@
 #include "ensemble_logits_args.h"
 #include "outputs.h"
 #include "cpu_isa.h"
+#include "launchers.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -168,6 +168,8 @@ void ensemble_forward_tiles_avx512(at::Tensor& out, const at::Tensor& f, const a
 }
 #endif
 
+}  // namespace
+
 at::Tensor ensemble_logits_forward_cpu(const at::Tensor& f, const at::Tensor& T, const at::Tensor& w,
                                        double temperature) {
   ensemble_check_cpu(f, T, w);
@@ -287,13 +289,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ensemble_logits_backward_cpu(
     at::bmm_out(grad_T, gw.transpose(1, 2), f.unsqueeze(0).expand({K, B, D}));
   }
   return {grad_f, grad_T, grad_w};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(guidg_fast, CPU, m) {
-  m.impl("ensemble_logits_forward", &ensemble_logits_forward_cpu);
-  m.impl("ensemble_logits_backward", &ensemble_logits_backward_cpu);
 }
 
 }  // namespace guidg_fast

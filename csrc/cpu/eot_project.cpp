@@ -3,7 +3,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -14,6 +13,7 @@
 #include "eot_project.h"
 #include "eot_project_args.h"
 #include "outputs.h"
+#include "launchers.h"
 
 namespace guidg_fast {
 namespace {
@@ -137,6 +137,8 @@ void layer_norm_backward_rows(const scalar_t* gyp, const scalar_t* xh, const sca
   });
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> eot_project_forward_cpu(const at::Tensor& x_in,
                                                                                    const at::Tensor& eot_index,
                                                                                    const at::Tensor& ln_weight,
@@ -196,13 +198,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> eot_project_backward_
                                        dx.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), db.data_ptr<scalar_t>());
   });
   return {dx, dw, db, dproj};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(guidg_fast, CPU, m) {
-  m.impl("eot_project_forward", &eot_project_forward_cpu);
-  m.impl("eot_project_backward", &eot_project_backward_cpu);
 }
 
 }  // namespace guidg_fast

@@ -19,14 +19,14 @@
 //             experts (T requires grad), tasks (k, class tile) over all rows:
 //             dT_kc = tau sum_b dz_bc g_b - margin tau sum_{b: y_b = c} q_bk (the second term is the
 //             path through the gathered T_k[y_b]).
-// GEMMs call the BLAS that torch itself links directly (csrc/include/cpu_blas.h).
+// The tile GEMMs are ATen GEMMs on views of the task's buffers: the whole op is ~0.3 ms of a
+// ~26 s CPU step-2 iteration, so calling the BLAS directly would not earn its keep.
 // The float row loops are written so the compiler vectorises them (lane arrays for the
 // reductions, a polynomial exp) and are compiled for AVX-512 / AVX2 / baseline with runtime
 // selection, since the extension itself is built for the baseline ISA.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -38,17 +38,37 @@
 #include <vector>
 
 #include "multi_expert_loss.h"
-#include "cpu_blas.h"
 #include "multi_expert_loss_args.h"
 #include "outputs.h"
 
 #include "cpu_isa.h"
+#include "launchers.h"
 
 namespace guidg_fast {
 namespace multi_expert_loss {
 namespace {
 
-using cpu_blas::gemm;
+// C (M x N) = alpha op(A) op(B) + beta C on row-major buffers (leading dimensions lda, ldb, ldc),
+// op(A) M x K, op(B) K x N. Called inside parallel_for tasks, where ATen runs it on this thread.
+template <typename scalar_t>
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, scalar_t alpha, const scalar_t* A, int64_t lda,
+          const scalar_t* B, int64_t ldb, scalar_t beta, scalar_t* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  auto view = [&](const scalar_t* p, bool trans, int64_t rows, int64_t cols, int64_t ld) {
+    at::Tensor t = at::from_blob(const_cast<scalar_t*>(p), {trans ? cols : rows, trans ? rows : cols}, {ld, 1}, options);
+    return trans ? t.t() : t;
+  };
+  const at::Tensor a = view(A, trans_a, M, K, lda);
+  const at::Tensor b = view(B, trans_b, K, N, ldb);
+  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, options);
+  if (beta == scalar_t(0)) {
+    at::mm_out(c, a, b);
+    if (alpha != scalar_t(1)) c.mul_(alpha);
+  } else {
+    c.addmm_(a, b, beta, alpha);
+  }
+}
 
 constexpr int kLanes = 16;        // independent partial sums / maxima in the vectorised row loops
 
@@ -438,6 +458,8 @@ void forward_entropy(const Inputs<scalar_t>& in, const scalar_t* lse, scalar_t* 
   });
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_expert_loss_forward_cpu(
     const at::Tensor& f, const at::Tensor& T, const at::Tensor& y, const at::Tensor& w, double temperature,
     double margin, double entropy_weight, bool need_o) {
@@ -481,6 +503,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_exp
   });
   return {loss, lse, ce, o, pbar};
 }
+
+namespace {
 
 template <typename scalar_t>
 void backward_rows(const Inputs<scalar_t>& in, scalar_t grad, const scalar_t* lse, const scalar_t* o,
@@ -619,6 +643,8 @@ void backward_experts(const Inputs<scalar_t>& in, scalar_t grad, const scalar_t*
   });
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_expert_loss_backward_cpu(
     const at::Tensor& grad, const at::Tensor& f, const at::Tensor& T, const at::Tensor& y, const at::Tensor& w,
     const at::Tensor& lse, const at::Tensor& ce, const at::Tensor& o, const at::Tensor& pbar, double temperature,
@@ -702,12 +728,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_expert_loss_backward_cpu(
   return {df, dT, dw};
 }
 
-}  // namespace
 }  // namespace multi_expert_loss
-
-TORCH_LIBRARY_IMPL(guidg_fast, CPU, m) {
-  m.impl("multi_expert_loss_forward", &multi_expert_loss::multi_expert_loss_forward_cpu);
-  m.impl("multi_expert_loss_backward", &multi_expert_loss::multi_expert_loss_backward_cpu);
-}
 
 }  // namespace guidg_fast

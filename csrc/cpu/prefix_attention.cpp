@@ -13,7 +13,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -30,6 +29,7 @@
 #include "outputs.h"
 
 #include "cpu_isa.h"
+#include "launchers.h"
 #define GF_ALWAYS_INLINE __attribute__((always_inline)) inline
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vectors in always-inline helpers: no ABI is crossed
@@ -270,7 +270,6 @@ GF_ALWAYS_INLINE void zero_columns(int64_t t_begin, int64_t Dh, T* dst) {
   for (int64_t d = 0; d < Dh; ++d)
     for (int64_t t = t_begin; t < kKeyTile; ++t) dst[d * kKeyTile + t] = T(0);
 }
-
 
 // rows s0 .. s0 + kQueryBlock - 1 of one sequence into a dense block; rows past S are zero
 template <int kQueryBlock, typename T, typename RowFn>
@@ -638,6 +637,8 @@ void run_backward(const Inputs<scalar_t>& in, Grads<scalar_t> g, scalar_t* dkp, 
   }
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> prefix_attention_forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                                 const at::Tensor& v_in, const at::Tensor& kp_in,
                                                                 const at::Tensor& vp_in, double scale) {
@@ -687,6 +688,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
   return {dq, dk, dv, dkp, dvp};
 }
 
+namespace {
+
 // ------------------------------------------------------------------------------------------ packed
 // Every suffix group of a text pass in one call. qkv (T, 3, H, Dh) is the fused QKV projection of
 // all T packed suffix tokens; groups = [t0, M, S] per group: tokens t0 .. t0 + K*M*S - 1 are the
@@ -694,6 +697,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
 // output in place, lse (T * H) every group's dense (K, M, H, S) block at t0 * H; the backward
 // writes dq / dk / dv straight into one (T, 3, H, Dh) gradient: no per-group outputs to
 // concatenate or stack.
+// Measured (shared 2-core box, 2026-12-03): one CPU step-1 iteration (bench/entries/step1_iteration.py,
+// fast provider, ViT-B-16 random init, K = 3, C = 200, B = 32), 3 runs of each layout alternated:
+// packed median 8.90 s (8.73 .. 9.77), per-group prefix_attention median 15.05 s (11.79 .. 16.40): the
+// packed layout saves ~41% of the iteration. Command: with s1 = guidg_fast.bench.entries.step1_iteration,
+// run = s1.make(s1.cases(False)[0], "fast", torch.device("cpu")); time run() alternately as is and
+// with guidg_fast.ops.prefix_attention's _packed_cpu_kernels patched to return False (per group).
 
 struct Group {
   int64_t t0, M, S;
@@ -771,6 +780,8 @@ PackedPlan<scalar_t> packed_plan(const at::Tensor& qkv, const at::Tensor& kp, co
   }
   return plan;
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> prefix_attention_packed_forward_cpu(const at::Tensor& qkv_in,
                                                                        const at::Tensor& kp_in,
@@ -871,15 +882,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_attention_packed_backward_
     });
   });
   return {dqkv, dkp, dvp};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(guidg_fast, CPU, m) {
-  m.impl("prefix_attention_forward", &prefix_attention_forward_cpu);
-  m.impl("prefix_attention_backward", &prefix_attention_backward_cpu);
-  m.impl("prefix_attention_packed_forward", &prefix_attention_packed_forward_cpu);
-  m.impl("prefix_attention_packed_backward", &prefix_attention_packed_backward_cpu);
 }
 
 }  // namespace guidg_fast

@@ -14,7 +14,6 @@
 // page faults: 2.7-3.6x). Bit-exact with torchvision's tensor kernels for all 14 ops.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -27,6 +26,7 @@
 #include "cpu_isa.h"
 #include "outputs.h"
 #include "randaugment.h"
+#include "launchers.h"
 
 namespace guidg_fast {
 namespace {
@@ -312,6 +312,8 @@ GF_ISA_DISPATCH(void, run_sample,
                  const uint8_t* fill),
                 (src, out, scratch, im, ops, magnitudes, map_rows, rounds, affine, fill))
 
+}  // namespace
+
 at::Tensor randaugment_uint8_cpu(const at::Tensor& images_in, const at::Tensor& op_ids_in,
                                  const at::Tensor& magnitudes_in, const at::Tensor& source_maps_in,
                                  const at::Tensor& source_rows_in, at::IntArrayRef fill_in) {
@@ -387,9 +389,5 @@ at::Tensor randaugment_uint8_cpu(const at::Tensor& images_in, const at::Tensor& 
   });
   return out;
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(guidg_fast, CPU, m) { m.impl("randaugment_uint8", &randaugment_uint8_cpu); }
 
 }  // namespace guidg_fast

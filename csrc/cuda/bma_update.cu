@@ -6,11 +6,12 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <vector>
 
 #include "bma_update.h"
+#include "bma_update_args.h"
+#include "launchers.h"
 
 namespace guidg_fast {
 namespace {
@@ -29,12 +30,14 @@ __global__ void bma_update_kernel(scalar_t* const* avg_ptrs, const scalar_t* con
   }
 }
 
+}  // namespace
+
 void bma_update_cuda(at::TensorList averaged, at::TensorList tensors, double relative_weight) {
-  TORCH_CHECK(averaged.size() == tensors.size(), "averaged_tensors and tensors must have the same length, got ",
-              averaged.size(), " and ", tensors.size());
+  const at::Device device = averaged.empty() ? at::Device(at::kCUDA) : averaged[0].device();
+  TORCH_CHECK(device.is_cuda(), "bma_update_ (CUDA kernel): averaged_tensors[0] must be a CUDA tensor, got ", device);
+  bma_update::check_inputs(averaged, tensors, device, "CUDA kernel");
   if (averaged.empty()) return;
   const auto dtype = averaged[0].scalar_type();
-  const auto device = averaged[0].device();
   const int64_t n_tensors = static_cast<int64_t>(averaged.size());
   // Host table: [avg ptrs | val ptrs | numels] as int64, then chunk tables.
   std::vector<int64_t> table(3 * n_tensors);
@@ -43,15 +46,6 @@ void bma_update_cuda(at::TensorList averaged, at::TensorList tensors, double rel
   for (int64_t i = 0; i < n_tensors; ++i) {
     const auto& a = averaged[i];
     const auto& t = tensors[i];
-    TORCH_CHECK(a.device() == device && t.device() == device, "bma_update_ (CUDA kernel): averaged_tensors[", i,
-                "] and tensors[", i, "] must be on ", device);
-    TORCH_CHECK(a.scalar_type() == dtype && t.scalar_type() == dtype,
-                "bma_update_: all tensors of one call must share a dtype (", dtype, "), got ", a.scalar_type(),
-                " and ", t.scalar_type(), " at index ", i);
-    TORCH_CHECK(a.sizes() == t.sizes(), "bma_update_: averaged_tensors[", i, "] has shape ", a.sizes(),
-                " but tensors[", i, "] has shape ", t.sizes());
-    TORCH_CHECK(a.is_contiguous() && t.is_contiguous(), "bma_update_: averaged_tensors[", i, "] and tensors[", i,
-                "] must be contiguous");
     table[i] = reinterpret_cast<int64_t>(a.data_ptr());
     table[n_tensors + i] = reinterpret_cast<int64_t>(t.data_ptr());
     table[2 * n_tensors + i] = a.numel();
@@ -84,9 +78,5 @@ void bma_update_cuda(at::TensorList averaged, at::TensorList tensors, double rel
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(guidg_fast, CUDA, m) { m.impl("bma_update_", &bma_update_cuda); }
 
 }  // namespace guidg_fast

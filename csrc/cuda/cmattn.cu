@@ -9,7 +9,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <limits>
 #include <tuple>
@@ -17,6 +16,7 @@
 #include "cmattn.h"
 #include "cmattn_args.h"
 #include "outputs.h"
+#include "launchers.h"
 
 namespace guidg_fast {
 namespace {
@@ -152,6 +152,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& keys, const char* op) {
   TORCH_CHECK(keys.size(0) <= kMaxExperts, op, ": at most ", kMaxExperts, " experts, got K = ", keys.size(0));
 }
 
+}  // namespace
+
 at::Tensor cmattn_forward_cuda(const at::Tensor& q, const at::Tensor& keys, bool cosine) {
   check_inputs(q, keys, "cmattn_forward");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), K = keys.size(0);
@@ -195,13 +197,6 @@ std::tuple<at::Tensor, at::Tensor> cmattn_backward_cuda(const at::Tensor& grad_o
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {dq, dkey};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(guidg_fast, CUDA, m) {
-  m.impl("cmattn_forward", &cmattn_forward_cuda);
-  m.impl("cmattn_backward", &cmattn_backward_cuda);
 }
 
 }  // namespace guidg_fast

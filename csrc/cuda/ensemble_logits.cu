@@ -8,7 +8,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -19,6 +18,7 @@
 #include "ensemble_logits.h"
 #include "ensemble_logits_args.h"
 #include "outputs.h"
+#include "launchers.h"
 
 namespace guidg_fast {
 namespace {
@@ -108,6 +108,8 @@ void launch_scale(at::Tensor& out, const at::Tensor& values, const at::Tensor& w
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+}  // namespace
+
 at::Tensor ensemble_logits_forward_cuda(const at::Tensor& f, const at::Tensor& T, const at::Tensor& w,
                                         double temperature) {
   ensemble_check_cuda(f, T, w);
@@ -177,13 +179,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ensemble_logits_backward_cuda(
     at::bmm_out(grad_T, gw.transpose(1, 2), f.unsqueeze(0).expand({K, B, D}));
   }
   return {grad_f, grad_T, grad_w};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(guidg_fast, CUDA, m) {
-  m.impl("ensemble_logits_forward", &ensemble_logits_forward_cuda);
-  m.impl("ensemble_logits_backward", &ensemble_logits_backward_cuda);
 }
 
 }  // namespace guidg_fast

@@ -5,7 +5,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -15,6 +14,7 @@
 #include "eot_project.h"
 #include "eot_project_args.h"
 #include "outputs.h"
+#include "launchers.h"
 
 namespace guidg_fast {
 namespace {
@@ -122,6 +122,8 @@ void check_eot_inputs(const char* op, const at::Tensor& x, const at::Tensor& eot
   eot_project::check_inputs(op, x, eot_index, w, b, proj);
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> eot_project_forward_cuda(
     const at::Tensor& x_in, const at::Tensor& eot_index, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
     const at::Tensor& proj, double eps) {
@@ -187,13 +189,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> eot_project_backward_
       gy.data_ptr<float>(), xhat.data_ptr<float>(), N, W, dw.data_ptr<float>(), db.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {dx, dw, db, dproj};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(guidg_fast, CUDA, m) {
-  m.impl("eot_project_forward", &eot_project_forward_cuda);
-  m.impl("eot_project_backward", &eot_project_backward_cuda);
 }
 
 }  // namespace guidg_fast

@@ -20,7 +20,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -30,6 +29,7 @@
 #include "multi_expert_loss.h"
 #include "multi_expert_loss_args.h"
 #include "outputs.h"
+#include "launchers.h"
 
 namespace guidg_fast {
 namespace multi_expert_loss {
@@ -363,6 +363,8 @@ void check_shared(size_t bytes, int64_t D) {
               " needs more shared memory than the kernel's 48 KiB (use float32 or the Triton backend)");
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_expert_loss_forward_cuda(
     const at::Tensor& f, const at::Tensor& T, const at::Tensor& y, const at::Tensor& w, double temperature,
     double margin, double entropy_weight, bool need_o) {
@@ -478,12 +480,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_expert_loss_backward_cuda(
   return {df, dT, dw};
 }
 
-}  // namespace
 }  // namespace multi_expert_loss
-
-TORCH_LIBRARY_IMPL(guidg_fast, CUDA, m) {
-  m.impl("multi_expert_loss_forward", &multi_expert_loss::multi_expert_loss_forward_cuda);
-  m.impl("multi_expert_loss_backward", &multi_expert_loss::multi_expert_loss_backward_cuda);
-}
 
 }  // namespace guidg_fast

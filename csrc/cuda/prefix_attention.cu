@@ -12,7 +12,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -24,6 +23,7 @@
 #include "prefix_attention.h"
 #include "prefix_attention_args.h"
 #include "outputs.h"
+#include "launchers.h"
 
 namespace guidg_fast {
 namespace {
@@ -248,6 +248,8 @@ void with_dpl(int64_t Dh, Fn fn) {
   else fn(std::integral_constant<int, 8>());
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> prefix_attention_forward_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                                  const at::Tensor& v_in, const at::Tensor& kp_in,
                                                                  const at::Tensor& vp_in, double scale) {
@@ -326,13 +328,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {dq, dk, dv, dkp, dvp};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(guidg_fast, CUDA, m) {
-  m.impl("prefix_attention_forward", &prefix_attention_forward_cuda);
-  m.impl("prefix_attention_backward", &prefix_attention_backward_cuda);
 }
 
 }  // namespace guidg_fast

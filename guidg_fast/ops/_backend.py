@@ -79,17 +79,12 @@ def cpu_isa_cap(name: str):
 
 
 def ext_has_kernels(op_names, device_type: str) -> bool:
-    if load_extension() is None:
+    """Whether guidg_fast._C has every function in ``op_names`` and, for CUDA tensors, CUDA kernels
+    (the functions pick the CPU or CUDA launcher per call; there is nothing in the dispatcher to ask)."""
+    ext = load_extension()
+    if ext is None or not all(callable(getattr(ext, name, None)) for name in op_names):
         return False
-    key = "CUDA" if device_type == "cuda" else "CPU"
-    for name in op_names:
-        qualified = f"guidg_fast::{name}"
-        try:
-            if not torch._C._dispatch_has_kernel_for_dispatch_key(qualified, key):
-                return False
-        except RuntimeError:
-            return False
-    return True
+    return device_type == "cpu" or (device_type == "cuda" and bool(getattr(ext, "WITH_CUDA", 0)))
 
 
 def triton_runnable(device_type: str) -> bool:
@@ -138,7 +133,7 @@ def interpreter_problem() -> str | None:
 @dataclass
 class OpSpec:
     name: str
-    ext_ops: tuple = ()  # C++ operators this op needs from guidg_fast._C (empty: no ext kernel yet)
+    ext_ops: tuple = ()  # functions of guidg_fast._C this op's ext backend calls (empty: no ext kernel yet)
     triton: bool = False  # has Triton kernels in guidg_fast.kernels
     notes: dict = field(default_factory=dict)
     parts: tuple = ()  # a composition of these ops (no kernels of its own): each part's backend applies
@@ -231,7 +226,7 @@ def choose(name: str, device: torch.device) -> str:
 @torch.compiler.assume_constant_result
 def backend_for(name: str, device_type: str) -> str:
     """``choose`` for the op entry points: the one backend chooser every op calls. A constant for
-    torch.compile (it reads the environment and the dispatcher, not tensors); eagerly cached (with
+    torch.compile (it reads the environment and guidg_fast._C, not tensors); eagerly cached (with
     ``available``'s answers, so clearing that cache clears these) per state of everything it reads,
     so a call costs a dict lookup."""
     key = ("chosen", name, device_type, _forced, os.environ.get("GUIDG_FAST_BACKEND"),

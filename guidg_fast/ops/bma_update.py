@@ -4,6 +4,8 @@ averaged[i] <- (averaged[i] + r * tensors[i]) / (1 + r).
 Tensors are grouped by (device, dtype); each group is one kernel call (one multi-tensor launch on
 CUDA, one parallel_for on CPU). The Triton backend (kernels/bma_update.py) is one launch per group
 too: it walks a table of tensor addresses and chunks (CUDA, or CPU under TRITON_INTERPRET=1).
+One in-place custom op, ``guidg_fast::bma_update_`` (no backward: the average is never
+differentiated); its ``ext`` backend calls guidg_fast._C.bma_update_.
 """
 from __future__ import annotations
 
@@ -18,11 +20,11 @@ from . import _backend
 SPEC = _backend.register(_backend.OpSpec("bma_update_", ext_ops=("bma_update_",), triton=True))
 
 
-@torch.library.custom_op("guidg_fast::fused_bma_update_", mutates_args=("averaged_tensors",))
+@torch.library.custom_op("guidg_fast::bma_update_", mutates_args=("averaged_tensors",))
 def _fused_bma_update_(averaged_tensors: list[torch.Tensor], tensors: list[torch.Tensor], relative_weight: float,
                        backend: str) -> None:
     if backend == "ext":
-        torch.ops.guidg_fast.bma_update_(averaged_tensors, tensors, relative_weight)
+        _backend.load_extension().bma_update_(averaged_tensors, tensors, relative_weight)
     elif backend == "triton":
         # imported on first use: TRITON_INTERPRET must be set before the kernel is decorated
         from ..kernels.bma_update import bma_update_forward

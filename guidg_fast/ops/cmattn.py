@@ -13,8 +13,9 @@ training step skips those two GEMMs).
 Backends: Triton (kernels/cmattn.py) or the C++/CUDA extension (csrc/{cpu,cuda}/cmattn.*) for the
 fused score step, the eager reference otherwise. The GEMMs around it are written once, below
 (_projections / _projection_grads), for both backends. One torch.library custom op pair,
-``guidg_fast::fused_cmattn`` / ``guidg_fast::fused_cmattn_backward``, with one register_fake each
-and one autograd registration, serves eager mode and torch.compile alike. Half-precision inputs are
+``guidg_fast::cmattn`` / ``guidg_fast::cmattn_backward`` (the op's only schemas), with one
+register_fake each and one autograd registration, serves eager mode and torch.compile alike; its
+``ext`` backend calls guidg_fast._C.cmattn_forward / cmattn_backward. Half-precision inputs are
 computed in fp32 and cast back.
 """
 from __future__ import annotations
@@ -43,13 +44,13 @@ def _kernels():
 def _scores_forward(q: Tensor, keys: Tensor, cosine: bool, backend: str) -> Tensor:
     if backend == "triton":
         return _kernels().cmattn_forward(q, keys, cosine)
-    return torch.ops.guidg_fast.cmattn_forward(q, keys, cosine)
+    return _backend.load_extension().cmattn_forward(q, keys, cosine)
 
 
 def _scores_backward(grad_out: Tensor, q: Tensor, keys: Tensor, cosine: bool, backend: str):
     if backend == "triton":
         return _kernels().cmattn_backward(grad_out, q, keys, cosine)
-    return torch.ops.guidg_fast.cmattn_backward(grad_out, q, keys, cosine)
+    return _backend.load_extension().cmattn_backward(grad_out, q, keys, cosine)
 
 
 def _check_backend(backend: str) -> None:
@@ -96,7 +97,7 @@ def _forward_impl(f: Tensor, T: Tensor, wv: Tensor, bv: Tensor, wt: Tensor, bt: 
     return out.to(out_dtype), q, keys
 
 
-@torch.library.custom_op("guidg_fast::fused_cmattn", mutates_args=())
+@torch.library.custom_op("guidg_fast::cmattn", mutates_args=())
 def _fused_cmattn(
     f: Tensor, T: Tensor, wv: Tensor, bv: Tensor, wt: Tensor, bt: Tensor, metric: str, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -122,7 +123,7 @@ def _backward_impl(grad_out, f, T, wv, wt, q, keys, metric: str, backend: str, n
     return tuple(grad_out.new_empty(0, dtype=grad_dtype) if g is None else g.to(grad_dtype) for g in grads)
 
 
-@torch.library.custom_op("guidg_fast::fused_cmattn_backward", mutates_args=())
+@torch.library.custom_op("guidg_fast::cmattn_backward", mutates_args=())
 def _fused_cmattn_backward(
     grad_out: Tensor, f: Tensor, T: Tensor, wv: Tensor, wt: Tensor, q: Tensor, keys: Tensor,
     metric: str, backend: str, needs: list[bool],
@@ -154,7 +155,7 @@ def _backward(ctx, grad_out, _grad_q, _grad_keys):
     needs = [bool(n) for n in ctx.needs_input_grad[:6]]
     if grad_out is None or not any(needs):  # None: the weights were not used (grads are not materialised)
         return (None,) * 8
-    grads = torch.ops.guidg_fast.fused_cmattn_backward(grad_out, f, T, wv, wt, q, keys, ctx.metric, ctx.backend, needs)
+    grads = torch.ops.guidg_fast.cmattn_backward(grad_out, f, T, wv, wt, q, keys, ctx.metric, ctx.backend, needs)
     return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None)
 
 
@@ -167,4 +168,4 @@ def cross_modal_attention(f, T, wv, bv, wt, bt, metric: str = "cosine") -> torch
     backend = _backend.backend_for("cmattn", f.device.type)
     if backend == "eager":
         return reference.cross_modal_attention(f, T, wv, bv, wt, bt, metric)
-    return torch.ops.guidg_fast.fused_cmattn(f, T, wv, bv, wt, bt, metric, backend)[0]
+    return torch.ops.guidg_fast.cmattn(f, T, wv, bv, wt, bt, metric, backend)[0]

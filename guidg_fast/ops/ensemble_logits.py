@@ -14,7 +14,9 @@ tau * sum_k w[:, k] * (g @ T_k) (per-sample), grad_w[k] = <T_k, tau g^T f> (batc
 grad_w[b, k] = tau * f[b] . (g @ T_k)[b] (per-sample): no (B, K, C) tensor either.
 
 Backends: Triton (kernels/ensemble_logits.py; CUDA, or CPU under TRITON_INTERPRET=1), the C++/CUDA
-extension (csrc/*/ensemble_logits.*), or the eager reference. The temperature is a constant of the
+extension (csrc/*/ensemble_logits.*, guidg_fast._C.ensemble_logits_forward / _backward), or the eager
+reference; the fused ones run inside the custom op pair ``guidg_fast::ensemble_logits`` /
+``guidg_fast::ensemble_logits_backward``. The temperature is a constant of the
 op (no gradient), as in the official code where logit_scale is frozen.
 """
 from __future__ import annotations
@@ -44,11 +46,11 @@ def _forward_kernel(f, T, w, temperature: float, backend: str) -> torch.Tensor:
     if backend == "triton":
         return _triton_kernels().ensemble_logits_forward(f, T, w, temperature)
     if backend == "ext":
-        return torch.ops.guidg_fast.ensemble_logits_forward(f, T, w, temperature)
-    raise ValueError(f"fused_ensemble_logits: backend must be 'triton' or 'ext', got {backend!r}")
+        return _backend.load_extension().ensemble_logits_forward(f, T, w, temperature)
+    raise ValueError(f"ensemble_logits: backend must be 'triton' or 'ext', got {backend!r}")
 
 
-@torch.library.custom_op("guidg_fast::fused_ensemble_logits", mutates_args=())
+@torch.library.custom_op("guidg_fast::ensemble_logits", mutates_args=())
 def _fused_ensemble_logits(f: torch.Tensor, T: torch.Tensor, w: torch.Tensor, temperature: float,
                            backend: str) -> torch.Tensor:
     return _forward_kernel(f, T, w, temperature, backend)
@@ -59,7 +61,7 @@ def _fused_ensemble_logits_fake(f, T, w, temperature, backend):
     return f.new_empty((f.shape[0], T.shape[1]))
 
 
-@torch.library.custom_op("guidg_fast::fused_ensemble_logits_backward", mutates_args=())
+@torch.library.custom_op("guidg_fast::ensemble_logits_backward", mutates_args=())
 def _fused_ensemble_logits_backward(
     grad: torch.Tensor, f: torch.Tensor, T: torch.Tensor, w: torch.Tensor, temperature: float, backend: str,
     need_f: bool, need_T: bool, need_w: bool,
@@ -70,8 +72,8 @@ def _fused_ensemble_logits_backward(
         grads = _triton_kernels().ensemble_logits_backward(grad, f, T, w, temperature, need_f, need_T, need_w)
         return tuple(g if g is not None else f.new_empty(0) for g in grads)
     if backend == "ext":
-        return tuple(torch.ops.guidg_fast.ensemble_logits_backward(grad, f, T, w, temperature, need_f, need_T, need_w))
-    raise ValueError(f"fused_ensemble_logits_backward: backend must be 'triton' or 'ext', got {backend!r}")
+        return tuple(_backend.load_extension().ensemble_logits_backward(grad, f, T, w, temperature, need_f, need_T, need_w))
+    raise ValueError(f"ensemble_logits_backward: backend must be 'triton' or 'ext', got {backend!r}")
 
 
 @_fused_ensemble_logits_backward.register_fake
@@ -93,7 +95,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     f, T, w = ctx.saved_tensors
     need_f, need_T, need_w = ctx.needs_input_grad[:3]
-    grad_f, grad_T, grad_w = torch.ops.guidg_fast.fused_ensemble_logits_backward(
+    grad_f, grad_T, grad_w = torch.ops.guidg_fast.ensemble_logits_backward(
         grad, f, T, w, ctx.temperature, ctx.backend, need_f, need_T, need_w
     )
     return (grad_f if need_f else None, grad_T if need_T else None, grad_w if need_w else None, None, None)
@@ -136,5 +138,5 @@ def ensemble_logits(f, T, w, temperature) -> torch.Tensor:
     dtype = f.dtype
     compute = _compute_dtype(dtype, backend, f.device.type)
     f_, T_, w_ = ((x if x.dtype == compute else x.to(compute)).contiguous() for x in (f, T, w))
-    out = torch.ops.guidg_fast.fused_ensemble_logits(f_, T_, w_, tau, backend)
+    out = torch.ops.guidg_fast.ensemble_logits(f_, T_, w_, tau, backend)
     return out if out.dtype == dtype else out.to(dtype)

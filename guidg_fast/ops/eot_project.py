@@ -8,7 +8,8 @@ Backends:
   per-op parity oracle.
 - ``ext`` (C++ CPU / CUDA) and ``triton``: gather + layer norm fused per row, the (N, W) x (W, D)
   projection as one GEMM, normalisation fused per row; fused backward. Registered with torch.library
-  as ``guidg_fast::fused_eot_project`` / ``guidg_fast::fused_eot_project_backward``.
+  as ``guidg_fast::eot_project`` / ``guidg_fast::eot_project_backward`` (the op's only schemas; ext
+  calls guidg_fast._C.eot_project_forward / _backward).
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def _fused(x, eot_index, ln_weight, ln_bias, proj, eps, backend):
     compute = _backend.kernel_dtype(dtype, backend, x.device)
     if dtype != compute:
         x, ln_weight, ln_bias, proj = (t.to(compute) for t in (x, ln_weight, ln_bias, proj))
-    out = torch.ops.guidg_fast.fused_eot_project(x, eot_index.long(), ln_weight, ln_bias, proj, eps, backend)[0]
+    out = torch.ops.guidg_fast.eot_project(x, eot_index.long(), ln_weight, ln_bias, proj, eps, backend)[0]
     return out.to(dtype)
 
 
@@ -97,14 +98,14 @@ def _kernels():
     return kernels
 
 
-@torch.library.custom_op("guidg_fast::fused_eot_project", mutates_args=())
+@torch.library.custom_op("guidg_fast::eot_project", mutates_args=())
 def fused_eot_project(
     x: torch.Tensor, eot_index: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, proj: torch.Tensor,
     eps: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out (N, D), xhat (N, W), rstd (N,), inv_norm (N,)); only out carries gradient."""
     if backend == "ext":
-        return tuple(torch.ops.guidg_fast.eot_project_forward(x, eot_index, ln_weight, ln_bias, proj, eps))
+        return tuple(_backend.load_extension().eot_project_forward(x, eot_index, ln_weight, ln_bias, proj, eps))
     if backend == "triton":
         return tuple(_kernels().eot_project_forward(x, eot_index, ln_weight, ln_bias, proj, eps))
     raise ValueError(f"backend must be 'ext' or 'triton' for the fused eot_project, got {backend!r}")
@@ -118,7 +119,7 @@ def _forward_fake(x, eot_index, ln_weight, ln_bias, proj, eps, *backend):
 fused_eot_project.register_fake(_forward_fake)
 
 
-@torch.library.custom_op("guidg_fast::fused_eot_project_backward", mutates_args=())
+@torch.library.custom_op("guidg_fast::eot_project_backward", mutates_args=())
 def fused_eot_project_backward(
     grad_out: torch.Tensor, out: torch.Tensor, inv_norm: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor,
     eot_index: torch.Tensor, x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, proj: torch.Tensor,
@@ -127,7 +128,7 @@ def fused_eot_project_backward(
     """(dx (N, S, W), d ln_weight, d ln_bias, d proj); dx is zero outside the EOT rows."""
     args = (grad_out, out, inv_norm, xhat, rstd, eot_index, x, ln_weight, ln_bias, proj)
     if backend == "ext":
-        return tuple(torch.ops.guidg_fast.eot_project_backward(*args))
+        return tuple(_backend.load_extension().eot_project_backward(*args))
     if backend == "triton":
         return tuple(_kernels().eot_project_backward(*args))
     raise ValueError(f"backend must be 'ext' or 'triton' for the fused eot_project, got {backend!r}")

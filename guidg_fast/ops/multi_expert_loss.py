@@ -36,6 +36,10 @@ Backward (q_bk = sum_c dz_bc T_k[c], dz the gradient of the loss w.r.t. the logi
 The temperature is a constant (as in the official code): a tensor temperature is read as a number.
 Under torch.compile a tensor temperature goes into the fused op as a tensor and is read there, so
 tracing needs no .item() (no graph break); its value is checked when the op runs.
+
+Schemas: the custom op pair ``guidg_fast::multi_expert_loss`` / ``guidg_fast::multi_expert_loss_backward``
+(one register_fake each, one autograd registration); its ``ext`` backend calls
+guidg_fast._C.multi_expert_loss_forward / _backward.
 """
 from __future__ import annotations
 
@@ -67,8 +71,9 @@ def _forward_impl(backend, f, T, y, w, temperature, margin, entropy_weight, need
     if backend == "triton":
         return _kernels().multi_expert_loss_forward(f, T, y, w, temperature, margin, entropy_weight, need_o)
     if backend == "ext":
-        return torch.ops.guidg_fast.multi_expert_loss_forward(f, T, y, w, temperature, margin, entropy_weight, need_o)
-    raise RuntimeError(f"fused_multi_expert_loss has no backend {backend!r}")
+        return _backend.load_extension().multi_expert_loss_forward(f, T, y, w, temperature, margin, entropy_weight,
+                                                                   need_o)
+    raise RuntimeError(f"multi_expert_loss has no backend {backend!r}")
 
 
 def _backward_impl(backend, grad, f, T, y, w, lse, ce, o, pbar, temperature, margin, entropy_weight, need_f, need_T, need_w):
@@ -76,8 +81,8 @@ def _backward_impl(backend, grad, f, T, y, w, lse, ce, o, pbar, temperature, mar
     if backend == "triton":
         return _kernels().multi_expert_loss_backward(*args)
     if backend == "ext":
-        return torch.ops.guidg_fast.multi_expert_loss_backward(*args)
-    raise RuntimeError(f"fused_multi_expert_loss_backward has no backend {backend!r}")
+        return _backend.load_extension().multi_expert_loss_backward(*args)
+    raise RuntimeError(f"multi_expert_loss_backward has no backend {backend!r}")
 
 
 def _forward_shapes(f, T, entropy_weight, need_o):
@@ -87,7 +92,7 @@ def _forward_shapes(f, T, entropy_weight, need_o):
     return (), (B, K), (B, K), ((B, K, D) if has_o else (0,)), ((K, C) if entropy_weight != 0.0 else (0,))
 
 
-@torch.library.custom_op("guidg_fast::fused_multi_expert_loss", mutates_args=())
+@torch.library.custom_op("guidg_fast::multi_expert_loss", mutates_args=())
 def fused_multi_expert_loss(
     f: torch.Tensor, T: torch.Tensor, y: torch.Tensor, w: torch.Tensor, temperature: float,
     temperature_tensor: Optional[torch.Tensor], margin: float, entropy_weight: float, backend: str, need_o: bool,
@@ -104,7 +109,7 @@ def _fused_fake(f, T, y, w, temperature, temperature_tensor, margin, entropy_wei
     return tuple(f.new_empty(shape) for shape in _forward_shapes(f, T, entropy_weight, need_o))
 
 
-@torch.library.custom_op("guidg_fast::fused_multi_expert_loss_backward", mutates_args=())
+@torch.library.custom_op("guidg_fast::multi_expert_loss_backward", mutates_args=())
 def fused_multi_expert_loss_backward(
     grad: torch.Tensor, f: torch.Tensor, T: torch.Tensor, y: torch.Tensor, w: torch.Tensor, lse: torch.Tensor,
     ce: torch.Tensor, o: torch.Tensor, pbar: torch.Tensor, temperature: float,

@@ -10,7 +10,8 @@ Backends:
 - ``ext`` (C++ CPU / CUDA) and ``triton``: flash-attention style kernels (tiles over keys with an
   online softmax, no (S, P + S) score tensor per head in memory), forward saves the log-sum-exp,
   backward recomputes the probabilities from q, k and the LSE. Registered with torch.library as
-  ``guidg_fast::fused_prefix_attention`` / ``guidg_fast::fused_prefix_attention_backward``.
+  ``guidg_fast::prefix_attention`` / ``guidg_fast::prefix_attention_backward`` (the op's only schemas;
+  ext calls guidg_fast._C.prefix_attention_forward / _backward).
 """
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ def _fused(q, k, v, k_prefix, v_prefix, scale, backend):
     compute = _backend.kernel_dtype(dtype, backend, q.device)
     if dtype != compute:
         q, k, v, k_prefix, v_prefix = (t.to(compute) for t in (q, k, v, k_prefix, v_prefix))
-    out, _ = torch.ops.guidg_fast.fused_prefix_attention(q, k, v, k_prefix, v_prefix, scale, backend)
+    out, _ = torch.ops.guidg_fast.prefix_attention(q, k, v, k_prefix, v_prefix, scale, backend)
     return out.to(dtype)
 
 
@@ -126,7 +127,7 @@ def _kernels():
 
 def _forward_impl(q, k, v, k_prefix, v_prefix, scale, backend):
     if backend == "ext":
-        return torch.ops.guidg_fast.prefix_attention_forward(q, k, v, k_prefix, v_prefix, scale)
+        return _backend.load_extension().prefix_attention_forward(q, k, v, k_prefix, v_prefix, scale)
     if backend == "triton":
         return _kernels().prefix_attention_forward(q, k, v, k_prefix, v_prefix, scale)
     raise ValueError(f"backend must be 'ext' or 'triton' for the fused prefix_attention, got {backend!r}")
@@ -134,7 +135,8 @@ def _forward_impl(q, k, v, k_prefix, v_prefix, scale, backend):
 
 def _backward_impl(grad_out, q, k, v, k_prefix, v_prefix, out, lse, scale, backend):
     if backend == "ext":
-        return torch.ops.guidg_fast.prefix_attention_backward(grad_out, q, k, v, k_prefix, v_prefix, out, lse, scale)
+        return _backend.load_extension().prefix_attention_backward(grad_out, q, k, v, k_prefix, v_prefix, out, lse,
+                                                                   scale)
     if backend == "triton":
         return _kernels().prefix_attention_backward(
             grad_out, q, k, v, k_prefix, v_prefix, out, lse, scale
@@ -142,7 +144,7 @@ def _backward_impl(grad_out, q, k, v, k_prefix, v_prefix, out, lse, scale, backe
     raise ValueError(f"backend must be 'ext' or 'triton' for the fused prefix_attention, got {backend!r}")
 
 
-@torch.library.custom_op("guidg_fast::fused_prefix_attention", mutates_args=())
+@torch.library.custom_op("guidg_fast::prefix_attention", mutates_args=())
 def fused_prefix_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor,
     scale: float, backend: str,
@@ -157,7 +159,7 @@ def _(q, k, v, k_prefix, v_prefix, scale, backend):
     return q.new_empty((K, M, S, H, Dh)), q.new_empty((K, M, H, S))
 
 
-@torch.library.custom_op("guidg_fast::fused_prefix_attention_backward", mutates_args=())
+@torch.library.custom_op("guidg_fast::prefix_attention_backward", mutates_args=())
 def fused_prefix_attention_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_prefix: torch.Tensor,
     v_prefix: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float, backend: str,
@@ -242,7 +244,7 @@ def prefix_attention_packed(qkv, k_prefix, v_prefix, groups, scale=None) -> torc
     if (backend == "ext" and qkv.device.type == "cpu" and qkv.dtype in (torch.float32, torch.float64)
             and _packed_cpu_kernels()):
         flat = [x for g in groups for x in g]
-        return torch.ops.guidg_fast.prefix_attention_packed_forward(qkv, k_prefix, v_prefix, flat, scale)[0]
+        return torch.ops.guidg_fast.prefix_attention_packed(qkv, k_prefix, v_prefix, flat, scale)[0]
     T, _, H, Dh = qkv.shape
     sizes = [K * M * S for _, M, S in groups]
     outs = []
@@ -253,33 +255,52 @@ def prefix_attention_packed(qkv, k_prefix, v_prefix, groups, scale=None) -> torc
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-if _packed_cpu_kernels():
-    # The C++ CPU kernels are this layout's only implementation, so (as pytorch/extension-cpp does)
-    # the fake and autograd formula attach to the C++ operators themselves.
+# The packed layout's only kernels are the C++ CPU ones (guidg_fast._C), so this pair has no backend
+# argument. Measured on the CPU step-1 iteration (ViT-B-16, K = 3, C = 200): see
+# csrc/cpu/prefix_attention.cpp's packed section.
+@torch.library.custom_op("guidg_fast::prefix_attention_packed", mutates_args=())
+def fused_prefix_attention_packed(
+    qkv: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor, groups: list[int], scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (T, H, Dh), lse (T * H,)); groups is the flat [first token, M, S] list; lse has no gradient."""
+    return tuple(_backend.load_extension().prefix_attention_packed_forward(qkv, k_prefix, v_prefix, groups, scale))
 
-    @torch.library.register_fake("guidg_fast::prefix_attention_packed_forward")
-    def _(qkv, k_prefix, v_prefix, groups, scale):
-        T, _, H, Dh = qkv.shape
-        return qkv.new_empty((T, H, Dh)), qkv.new_empty((T * H,))
 
-    @torch.library.register_fake("guidg_fast::prefix_attention_packed_backward")
-    def _(grad_out, qkv, k_prefix, v_prefix, out, lse, groups, scale):
-        return qkv.new_empty(qkv.shape), qkv.new_empty(k_prefix.shape), qkv.new_empty(k_prefix.shape)
+@fused_prefix_attention_packed.register_fake
+def _(qkv, k_prefix, v_prefix, groups, scale):
+    T, _, H, Dh = qkv.shape
+    return qkv.new_empty((T, H, Dh)), qkv.new_empty((T * H,))
 
-    def _packed_setup_context(ctx, inputs, output):
-        qkv, k_prefix, v_prefix, groups, scale = inputs
-        out, lse = output
-        ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(qkv, k_prefix, v_prefix, out, lse)
-        ctx.groups, ctx.scale = groups, scale
 
-    def _packed_backward(ctx, grad_out, _grad_lse):
-        qkv, k_prefix, v_prefix, out, lse = ctx.saved_tensors
-        dqkv, dkp, dvp = torch.ops.guidg_fast.prefix_attention_packed_backward(
-            grad_out.contiguous(), qkv, k_prefix, v_prefix, out, lse, ctx.groups, ctx.scale
-        )
-        return dqkv, dkp, dvp, None, None
+@torch.library.custom_op("guidg_fast::prefix_attention_packed_backward", mutates_args=())
+def fused_prefix_attention_packed_backward(
+    grad_out: torch.Tensor, qkv: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, groups: list[int], scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dqkv (T, 3, H, Dh), dk_prefix, dv_prefix); the prefix gradients are summed over all groups."""
+    return tuple(_backend.load_extension().prefix_attention_packed_backward(
+        grad_out.contiguous(), qkv, k_prefix, v_prefix, out, lse, groups, scale
+    ))
 
-    torch.library.register_autograd(
-        "guidg_fast::prefix_attention_packed_forward", _packed_backward, setup_context=_packed_setup_context
-    )
+
+@fused_prefix_attention_packed_backward.register_fake
+def _(grad_out, qkv, k_prefix, v_prefix, out, lse, groups, scale):
+    return qkv.new_empty(qkv.shape), qkv.new_empty(k_prefix.shape), qkv.new_empty(k_prefix.shape)
+
+
+def _packed_setup_context(ctx, inputs, output):
+    qkv, k_prefix, v_prefix, groups, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(qkv, k_prefix, v_prefix, out, lse)
+    ctx.groups, ctx.scale = groups, scale
+
+
+def _packed_backward(ctx, grad_out, _grad_lse):
+    qkv, k_prefix, v_prefix, out, lse = ctx.saved_tensors
+    dqkv, dkp, dvp = fused_prefix_attention_packed_backward(grad_out, qkv, k_prefix, v_prefix, out, lse, ctx.groups,
+                                                            ctx.scale)
+    return dqkv, dkp, dvp, None, None
+
+
+fused_prefix_attention_packed.register_autograd(_packed_backward, setup_context=_packed_setup_context)

@@ -2,7 +2,9 @@
 
 Each sample runs its RandAugment rounds in one task on its own buffers (lookup tables and gathers on
 uint8); the affine ops gather through source-index maps the caller builds with torchvision's grid
-(guidg_fast.data.augment). CUDA tensors take augment.py's batched torch ops instead.
+(guidg_fast.data.augment). CUDA tensors take augment.py's batched torch ops instead. It runs in the
+data workers and is never differentiated or traced, so it is a plain call of guidg_fast._C (no
+torch.library schema).
 """
 from __future__ import annotations
 
@@ -13,14 +15,7 @@ from . import _backend
 
 def kernel_available() -> bool:
     """Whether guidg_fast._C (with the randaugment_uint8 CPU kernel) is loaded."""
-    return _backend.load_extension() is not None and hasattr(torch.ops.guidg_fast, "randaugment_uint8")
-
-
-if _backend.load_extension() is not None:
-
-    @torch.library.register_fake("guidg_fast::randaugment_uint8")
-    def _randaugment_uint8_fake(images, op_ids, magnitudes, source_maps, source_rows, fill):
-        return images.new_empty(images.shape, memory_format=torch.contiguous_format)
+    return _backend.ext_has_kernels(("randaugment_uint8",), "cpu")
 
 
 def randaugment_uint8(images: torch.Tensor, op_ids: torch.Tensor, magnitudes: torch.Tensor,
@@ -30,5 +25,5 @@ def randaugment_uint8(images: torch.Tensor, op_ids: torch.Tensor, magnitudes: to
     op_ids / source_rows: (B, rounds) int64; magnitudes: (B, rounds) float64; source_maps:
     (maps, H * W) int32 (1 + source pixel, 0 = fill) for ShearX / ShearY / Rotate; fill: 3 levels.
     """
-    return torch.ops.guidg_fast.randaugment_uint8(images, op_ids, magnitudes, source_maps, source_rows,
-                                                  [int(v) for v in fill])
+    return _backend.load_extension().randaugment_uint8(images, op_ids, magnitudes, source_maps, source_rows,
+                                                       [int(v) for v in fill])
