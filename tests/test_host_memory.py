@@ -23,15 +23,23 @@ def _faults_of_reallocating(rounds=3):
     return counts
 
 
-def test_freed_blocks_stay_in_the_process_inside_and_not_outside():
+def _rss_bytes():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize()
+
+
+def test_freed_blocks_stay_in_the_process_inside_and_are_returned_on_leaving():
     pages = _BLOCK // 4096
-    assert min(_faults_of_reallocating()) > pages // 2  # the default: mapped and faulted every time
     with steady_heap("cpu"):
         with steady_heap("cpu"):  # nested: the inner exit keeps the outer block's settings
             _faults_of_reallocating(1)
-        counts = _faults_of_reallocating()
-        assert max(counts[1:]) < pages // 20, counts
-    assert min(_faults_of_reallocating()) > pages // 2  # defaults restored
+        counts = _faults_of_reallocating(6)
+        # reused, not faulted in again: a small allocation in between may split the freed block
+        # once (a fresh block then), so bound the total, not every round (mapped afresh: ~5 * pages)
+        assert sum(counts[1:]) < 2 * pages, counts
+        held = _rss_bytes()
+    # leaving returns the free memory (malloc_trim): the freed blocks no longer count in the RSS
+    assert _rss_bytes() < held - _BLOCK // 2, (held, _rss_bytes())
 
 
 def test_other_devices_are_left_alone():
