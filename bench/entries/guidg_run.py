@@ -427,7 +427,7 @@ def pipeline_rates(cfg: dict, folders: dict) -> dict:
         out["official_step2_img_per_s_per_core"] = rate(lambda p: step2(Image.open(p).convert("RGB")), paths["227"])
         out["official_eval_img_per_s_per_core"] = rate(lambda p: evaluation(Image.open(p).convert("RGB")), paths["640x480"])
         try:
-            from guidg_fast.data import augment  # the fast uint8 path (branch aug)
+            from guidg_fast.data import augment  # the fast uint8 path
 
             BatchedRandAugment, normalize_uint8 = augment.BatchedRandAugment, augment.normalize_uint8
         except (ImportError, AttributeError) as exc:
