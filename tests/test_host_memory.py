@@ -33,10 +33,12 @@ def test_freed_blocks_stay_in_the_process_inside_and_are_returned_on_leaving():
     with steady_heap("cpu"):
         with steady_heap("cpu"):  # nested: the inner exit keeps the outer block's settings
             _faults_of_reallocating(1)
-        counts = _faults_of_reallocating(6)
+        counts = _faults_of_reallocating(8)
         # reused, not faulted in again: a small allocation in between may split the freed block
-        # once (a fresh block then), so bound the total, not every round (mapped afresh: ~5 * pages)
-        assert sum(counts[1:]) < 2 * pages, counts
+        # (a fresh block then) in a round or two, so the median round is judged, not every round
+        # (mapped afresh, every round takes ~pages faults)
+        later = sorted(counts[1:])
+        assert later[len(later) // 2] < pages // 20, counts
         held = _rss_bytes()
     # leaving returns the free memory (malloc_trim): the freed blocks no longer count in the RSS
     assert _rss_bytes() < held - _BLOCK // 2, (held, _rss_bytes())
