@@ -329,9 +329,11 @@ def check_resume_state(state: dict, path: str, stage: str, steps: int, required:
 class LossGuard:
     """Detects a NaN/Inf loss without a host sync per step.
 
-    ``observe`` adds each step's loss to a running sum on the loss's device (NaN and Inf stick);
-    ``check`` reads that one number and raises NonFiniteLossError naming the steps since the last
-    check. The trainer checks at logging and checkpoint steps and at the end, and writes a
+    ``observe`` keeps each step's loss on its device; ``drain`` reads the losses observed since the
+    last drain to the host in one transfer (the trainer's loops drain at logging and checkpoint
+    steps and at the end); ``check`` judges the values read since the last check (and any still
+    pending, in the same one transfer) and raises NonFiniteLossError naming the first non-finite
+    step. The trainer checks at logging and checkpoint steps and at the end, and writes a
     checkpoint only after a passing check.
     """
 
@@ -340,14 +342,12 @@ class LossGuard:
         self.causes = causes
         self.every = max(1, int(every))
         self.checkpoint: str | None = None  # the last state file written from a checked state
-        self._sum = None
-        self._first: int | None = None
+        self._first: int | None = None  # the first step observed since the last check
         self._pending: list = []  # the per-step losses not yet read to the host
+        self._unchecked: list[float] = []  # read, not yet checked
 
     def observe(self, step: int, loss: torch.Tensor) -> None:
-        value = loss.detach().float()
-        self._sum = value if self._sum is None else self._sum + value
-        self._pending.append(value)
+        self._pending.append(loss.detach().float())
         if self._first is None:
             self._first = step
 
@@ -357,27 +357,26 @@ class LossGuard:
             return []
         values = torch.stack(self._pending).tolist()
         self._pending = []
+        self._unchecked.extend(values)
         return values
 
     def due(self, step: int) -> bool:
         return (step + 1) % self.every == 0
 
     def check(self, step: int, history: list | None = None) -> None:
-        """Raises if a loss observed since the last check (steps ``_first`` .. ``step``, 0-based) was not finite."""
-        if self._sum is None:
+        """Raises if a loss observed since the last check (steps ``_first`` .. ``step``, 0-based) was not finite.
+        (``history``: accepted for callers that pass it; the guard judges the values it read itself.)"""
+        if self._first is None:
             return
-        total, first = float(self._sum), self._first
-        self._sum, self._first = None, None
-        if math.isfinite(total):
+        values = self._unchecked + (torch.stack(self._pending).tolist() if self._pending else [])
+        first = self._first
+        self._unchecked, self._first = [], None
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is None:
             return
-        where = f"steps {first + 1}-{step + 1}" if first != step else f"step {step + 1}"
-        if history:
-            # the exact step when the per-step values are on the host anyway
-            offset = len(history) - (step - first + 1)
-            for i, v in enumerate(history[max(0, offset):]):
-                if not math.isfinite(v):
-                    where = f"step {first + i + 1} (first non-finite loss; checked {first + 1}-{step + 1})"
-                    break
+        span = f"{first + 1}-{step + 1}" if first != step else f"{step + 1}"
+        where = (f"step {first + bad + 1}" if first == step
+                 else f"step {first + bad + 1} (first non-finite loss; checked {span})")
         kept = (f"the last good checkpoint is {self.checkpoint!r} (pass it as resume= / --resume)"
                 if self.checkpoint else "no checkpoint was written in this run")
         raise NonFiniteLossError(
