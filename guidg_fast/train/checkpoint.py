@@ -363,9 +363,8 @@ class LossGuard:
     def due(self, step: int) -> bool:
         return (step + 1) % self.every == 0
 
-    def check(self, step: int, history: list | None = None) -> None:
-        """Raises if a loss observed since the last check (steps ``_first`` .. ``step``, 0-based) was not finite.
-        (``history``: accepted for callers that pass it; the guard judges the values it read itself.)"""
+    def check(self, step: int) -> None:
+        """Raises if a loss observed since the last check (steps ``_first`` .. ``step``, 0-based) was not finite."""
         if self._first is None:
             return
         values = self._unchecked + (torch.stack(self._pending).tolist() if self._pending else [])

@@ -321,7 +321,7 @@ class GuiDG:
                 if callback:
                     callback("step1", step, values[-1])
             if saving or guard.due(step):
-                guard.check(step, self.history["step1"])  # never checkpoint a state after a NaN loss
+                guard.check(step)  # never checkpoint a state after a NaN loss
             if saving and self.dist.is_main:  # [distributed] rank 0 writes
                 path = os.path.join(checkpoint_dir, STEP1_STATE)
                 checkpoint.save_state(
@@ -331,7 +331,7 @@ class GuiDG:
                      "history": self.history["step1"]},
                 )
                 guard.checkpoint = path
-        guard.check(steps - 1, self.history["step1"])
+        guard.check(steps - 1)
         self.refresh_expert_features()
         return self.history["step1"]
 
@@ -467,7 +467,7 @@ class GuiDG:
                     if callback:
                         callback("step2", step, values[-1])
                 if saving or guard.due(step):
-                    guard.check(step, self.history["step2"])  # never checkpoint a state after a NaN loss
+                    guard.check(step)  # never checkpoint a state after a NaN loss
                 if saving and self.dist.is_main:  # [distributed] rank 0 writes
                     path = os.path.join(checkpoint_dir, STEP2_STATE)
                     checkpoint.save_state(
@@ -478,7 +478,7 @@ class GuiDG:
                          "rng": torch.get_rng_state(), "history": self.history["step2"]},
                     )
                     guard.checkpoint = path
-            guard.check(steps - 1, self.history["step2"])
+            guard.check(steps - 1)
         finally:
             visual.eval()
             visual.requires_grad_(False)
